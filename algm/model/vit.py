@@ -1,0 +1,147 @@
+"""Plain ViT encoder with token-reduction hook points (SPEC section 1).
+
+Parameter names follow timm / Segmenter (``patch_embed.proj``, ``blocks.{i}.attn.qkv``,
+``ls1.gamma`` ...), so official checkpoints and converted weights load strictly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerScale, Mlp, trunc_normal_
+from torch import Tensor, nn
+
+from algm.config import ViTConfig, check_window
+from algm.reduction import EncoderContext, NoReduction, TokenReduction, TokenState, prepend_cls
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention``.
+
+    The fused kernel is what users time with; fvcore counts it through the handle in
+    ``algm.measure.flops``. Returns the keys too, for methods that merge on them (ToMe).
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x: (B, T, D); bias: additive, broadcastable to (B, H, T, T).
+
+        Returns the output (B, T, D) and the keys (B, H, T, D/H).
+        """
+        b, t, d = x.shape
+        qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(out.transpose(1, 2).reshape(b, t, d)), k
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, split in two halves so a method can act in between."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0,
+                 norm_eps: float = 1e-6, layer_scale: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads)
+        self.ls1 = LayerScale(dim, 1e-5) if layer_scale else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.ls2 = LayerScale(dim, 1e-5) if layer_scale else nn.Identity()
+
+    def attend(self, x: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x + attention residual; also returns the keys (B, H, T, d)."""
+        a, k = self.attn(self.norm1(x), bias)
+        return x + self.ls1(a), k
+
+    def feed(self, x: Tensor) -> Tensor:
+        """x + MLP residual."""
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        return self.feed(self.attend(x, bias)[0])
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, N, D), N = (H/p)(W/p) in raster order."""
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+class ViTEncoder(nn.Module):
+    """ViT encoder; ``forward`` runs a :class:`TokenReduction` method at its hook points."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg.patch_size, d)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.pos_grid[0] * cfg.pos_grid[1], d))
+        self.blocks = nn.ModuleList(
+            Block(d, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.layer_scale)
+            for _ in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_weights)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def patch_pos(self, grid: tuple[int, int]) -> Tensor:
+        """(1, N, D) position embedding of the patches, resized to ``grid`` if needed."""
+        pos = self.pos_embed[:, 1:]
+        if tuple(grid) == tuple(self.cfg.pos_grid):
+            return pos
+        gh, gw = self.cfg.pos_grid
+        pos = pos.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+        pos = F.interpolate(pos, size=tuple(grid), mode=self.cfg.pos_interp, align_corners=False)
+        return pos.flatten(2).transpose(1, 2)
+
+    def forward(self, images: Tensor, method: TokenReduction | None = None,
+                labels: Tensor | None = None) -> tuple[TokenState, Tensor]:
+        """images: (B, 3, H, W) normalised, H and W multiples of the patch size.
+
+        Returns the final normalised :class:`TokenState` and the tokens alive after
+        every block, (B, depth) long (cls included).
+        """
+        method = method if method is not None else NoReduction()
+        grid = check_window(tuple(images.shape[-2:]), self.cfg.patch_size)
+        pos = self.patch_pos(grid)
+        ctx = EncoderContext(
+            images=images, grid=grid, patch_size=self.cfg.patch_size, pos=pos,
+            embed=lambda pixels: self.patch_embed(pixels)[:, 0], depth=self.depth,
+            labels=labels,
+        )
+        state = method.begin(self.patch_embed(images) + pos, ctx)
+        state = prepend_cls(state, self.cls_token + self.pos_embed[:, :1])
+        alive = []
+        for i, blk in enumerate(self.blocks):
+            x, keys = blk.attend(state.x, method.attn_bias(state, i))
+            state = method.mid_block(state.replace(x=x), i, keys)
+            state = method.after_block(state.replace(x=blk.feed(state.x)), i)
+            alive.append(state.alive())
+        return state.replace(x=self.norm(state.x)), torch.stack(alive, 1)
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
