@@ -13,9 +13,13 @@ import warnings
 from typing import Any, Callable, Iterable
 
 import torch
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
 from torch import Tensor, nn
+
+with warnings.catch_warnings():
+    # fvcore imports torch.jit.script, which torch 2.14 marks deprecated at import time.
+    warnings.simplefilter("ignore", FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
 
 SDPA_OP = "aten::scaled_dot_product_attention"
 

@@ -1,0 +1,41 @@
+"""``algm-bench``: measure token reduction in ViT segmenters.
+
+Every subcommand has ``--help``. Errors in user input (unknown names, bad sizes,
+missing data) print one line and exit with status 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = [
+    "algm.commands.flops",
+    "algm.commands.throughput",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="algm-bench",
+        description="Benchmark token reduction (ALGM, ToMe, CTS, pruning) in ViT segmenters: "
+                    "GFLOPs, images/s and mIoU under one protocol.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
+        print(f"algm-bench {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``algm-bench`` CLI; each module exposes ``register(subparsers)``."""

@@ -1,0 +1,65 @@
+"""``algm-bench flops``: fvcore GFLOPs per image at batch 1."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from algm.commands.common import add_data_arguments, add_model_arguments, emit, has_weights, setup_from_args
+from algm.measure.flops import average_flops, count_flops
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "flops", help="count GFLOPs (fvcore, batch 1)",
+        description="Count GFLOPs with fvcore at batch 1: encoder + decoder + restore + upsample, "
+                    "one window-sized forward. Methods that adapt to the image (ALGM, ToMe with "
+                    "thresholds, pruning, CTS) are averaged over --limit images of the split; "
+                    "the baseline is counted on one random image (its count does not depend on "
+                    "content or weights).",
+    )
+    add_model_arguments(p)
+    add_data_arguments(p)
+    p.add_argument("--pretrained", action="store_true",
+                   help="load the real encoder weights (vit-s14, vit-s16-dinov2); "
+                        "default for methods other than none")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    content_dependent = args.method != "none"
+    setup = setup_from_args(args, pretrained=args.pretrained or (content_dependent and has_weights(args.backbone)))
+    model = setup.model.eval()
+    if content_dependent:
+        from algm.commands.images import window_images
+
+        limit = args.limit if args.limit is not None else 20
+        images = window_images(setup, args.split, limit, args.data_root)
+
+        def signature(image):
+            with torch.no_grad():
+                return tuple(model.run(image).tokens[0].tolist())
+
+        gflops, per_image = average_flops(model, images, signature)
+    else:
+        h, w = setup.window
+        gflops = count_flops(model, torch.randn(1, 3, h, w))
+        per_image = [gflops]
+    result = {
+        "gflops": gflops,
+        "gflops_std": float(torch.tensor(per_image).std()) if len(per_image) > 1 else 0.0,
+        "images": len(per_image),
+        "backbone": args.backbone,
+        "dataset": args.dataset,
+        "crop": list(setup.window),
+        "method": args.method,
+        "settings": setup.model.method.settings(),
+    }
+    emit(result, args.json, [
+        f"{args.backbone} / {args.dataset} / {args.method} at {setup.window[0]}x{setup.window[1]}: "
+        f"{gflops:.2f} GFLOPs per image ({len(per_image)} image(s))",
+    ])
+    return 0
+

@@ -1,0 +1,65 @@
+"""``algm-bench throughput``: images/s under the shared timing protocol."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from algm.commands.common import add_data_arguments, add_model_arguments, emit, has_weights, setup_from_args
+from algm.measure.throughput import measure_throughput
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "throughput", help="measure images/s",
+        description="Time whole forwards (encoder, decoder, restore, upsample) under no_grad/eval "
+                    "after a warm-up, synchronising the device around each timed forward. "
+                    "images/s = batch / mean latency; median and spread are reported too.",
+    )
+    add_model_arguments(p)
+    add_data_arguments(p)
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward (default: 1)")
+    p.add_argument("--batch-kind", default="mixed", choices=["mixed", "repeated"],
+                   help="mixed: distinct frames of the split; repeated: one frame repeated "
+                        "(the authors' protocol, every copy merges alike) (default: mixed)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="fp32 (default) or autocast to bf16 / fp16")
+    p.add_argument("--amp", action="store_true",
+                   help="shorthand for --precision fp16 on CUDA, bf16 on CPU")
+    p.add_argument("--warmup", type=int, default=5, help="untimed forwards first (default: 5)")
+    p.add_argument("--repeats", type=int, default=10, help="timed forwards (default: 10)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from algm.commands.images import model_batch
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = torch.device(args.device)
+    precision = args.precision
+    if args.amp:
+        precision = "fp16" if device.type == "cuda" else "bf16"
+    setup = setup_from_args(args, pretrained=has_weights(args.backbone))
+    batch, source = model_batch(setup, args.split, args.batch_size, args.batch_kind, args.data_root)
+    model = setup.model.to(device)
+    result = measure_throughput(model, batch.to(device), args.warmup, args.repeats, precision)
+    out = {
+        **result.to_dict(),
+        "backbone": args.backbone, "dataset": args.dataset, "method": args.method,
+        "settings": setup.model.method.settings(), "crop": list(setup.window),
+        "batch_kind": args.batch_kind, "images": source, "threads": torch.get_num_threads(),
+    }
+    emit(out, args.json, [
+        f"{args.backbone} / {args.dataset} / {args.method}, batch {args.batch_size} "
+        f"({args.batch_kind}, {source}), {precision} on {device}:",
+        f"  {result.images_per_s:.2f} images/s (median {result.median_images_per_s:.2f}, "
+        f"std {result.std_images_per_s:.2f}, latency {result.min_latency_s * 1e3:.1f}-"
+        f"{result.max_latency_s * 1e3:.1f} ms over {result.repeats} runs)",
+    ])
+    return 0
+
