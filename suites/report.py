@@ -1,0 +1,134 @@
+"""Reports of a suite run: CSV, paper-style tables (Markdown, LaTeX), trade-off plots,
+and a reproduction table against the published GFLOPs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+# (column, header, format, which value is best: "max", "min" or None)
+COLUMNS = [
+    ("gflops", "GFLOPs", "{:.2f}", "min"),
+    ("d_gflops", "ΔGFLOPs %", "{:+.1f}", None),
+    ("ims_b1", "im/s b1", "{:.2f}", "max"),
+    ("speedup_b1", "speed-up b1", "{:.2f}x", "max"),
+    ("ims_b8", "im/s b8", "{:.2f}", "max"),
+    ("speedup_b8", "speed-up b8", "{:.2f}x", "max"),
+    ("miou", "mIoU off-the-shelf", "{:.1f}", "max"),
+    ("miou_trained", "mIoU trained w/ method", "{:.1f}", "max"),
+    ("d_miou", "ΔmIoU", "{:+.1f}", None),
+    ("tokens_kept_pct", "tokens kept %", "{:.0f}", None),
+]
+
+
+def to_frame(rows: list[dict]) -> pd.DataFrame:
+    """One row per backbone x setting, with deltas against that backbone's ``none`` row."""
+    df = pd.DataFrame(rows)
+    for col in ("ims_b1", "ims_b8", "miou", "miou_trained"):
+        if col not in df:
+            df[col] = math.nan
+    base = df[df.method == "none"].drop_duplicates("backbone").set_index("backbone")
+    ref = lambda col: df.backbone.map(base[col]) if col in base else math.nan  # noqa: E731
+    df["d_gflops"] = (df.gflops / ref("gflops") - 1) * 100
+    df["speedup_b1"] = df.ims_b1 / ref("ims_b1")
+    df["speedup_b8"] = df.ims_b8 / ref("ims_b8")
+    best = df[["miou", "miou_trained"]].max(axis=1)
+    df["d_miou"] = best - ref("miou")
+    return df
+
+
+def _cells(df: pd.DataFrame, bold) -> list[list[str]]:
+    present = [c for c in COLUMNS if df[c[0]].notna().any()]
+    out = [["backbone", "method", "setting"] + [h for _, h, _, _ in present]]
+    for backbone, group in df.groupby("backbone", sort=False):
+        best = {col: (group[col].max() if rule == "max" else group[col].min())
+                for col, _, _, rule in present if rule}
+        for _, r in group.iterrows():
+            line = [backbone, r.method, r.setting]
+            for col, _, fmt, rule in present:
+                v = r[col]
+                text = "–" if pd.isna(v) else fmt.format(v)
+                if rule and not pd.isna(v) and v == best[col] and len(group) > 1:
+                    text = bold(text)
+                line.append(text)
+            out.append(line)
+    return out
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    cells = _cells(df, lambda t: f"**{t}**")
+    lines = ["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0])]
+    lines += ["| " + " | ".join(c) + " |" for c in cells[1:]]
+    return "\n".join(lines) + "\n"
+
+
+def latex_table(df: pd.DataFrame) -> str:
+    esc = lambda t: t.replace("%", r"\%").replace("_", r"\_").replace("Δ", r"$\Delta$")  # noqa: E731
+    cells = _cells(df, lambda t: r"\textbf{" + t + "}")
+    lines = [r"\begin{tabular}{lll" + "r" * (len(cells[0]) - 3) + "}", r"\toprule",
+             " & ".join(esc(c) for c in cells[0]) + r" \\", r"\midrule"]
+    lines += [" & ".join(esc(c) for c in row) + r" \\" for row in cells[1:]]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def tradeoff_plot(df: pd.DataFrame, x: str, xlabel: str, path: Path) -> bool:
+    """mIoU vs ``x``, one curve per backbone x method over its sweep; False if no data."""
+    score = df[["miou", "miou_trained"]].max(axis=1)
+    data = df.assign(score=score).dropna(subset=["score", x])
+    if data.empty:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for (backbone, method), group in data.groupby(["backbone", "method"], sort=False):
+        group = group.sort_values(x)
+        style = dict(marker="*", markersize=14, linestyle="none") if method == "none" else dict(marker="o")
+        ax.plot(group[x], group.score, label=f"{method} ({backbone})", **style)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("mIoU (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def reproduction_table(df: pd.DataFrame, published: dict) -> str:
+    """Our GFLOPs beside the published ones; ``published[backbone][setting label]``."""
+    lines = ["| backbone | setting | ours GFLOPs | published | ratio |", "|---|---|---|---|---|"]
+    for _, r in df.iterrows():
+        ref = (published.get(r.backbone) or {}).get(r.setting)
+        if ref is not None:
+            lines.append(f"| {r.backbone} | {r.setting} | {r.gflops:.2f} | {ref} | {r.gflops / ref:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(rows: list[dict], out_dir: Path, published: dict, title: str) -> list[Path]:
+    """Write results.csv, table.md, table.tex, the two plots and reproduction.md."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df = to_frame(rows)
+    written = []
+    csv = out_dir / "results.csv"
+    df.to_csv(csv, index=False)
+    written.append(csv)
+    md = out_dir / "table.md"
+    md.write_text(f"# {title}\n\n{markdown_table(df)}")
+    written.append(md)
+    tex = out_dir / "table.tex"
+    tex.write_text(latex_table(df))
+    written.append(tex)
+    for x, label, name in [("gflops", "GFLOPs per image", "miou_vs_gflops.png"),
+                           ("ims_b1", "images/s (batch 1)", "miou_vs_throughput.png")]:
+        if tradeoff_plot(df, x, label, out_dir / name):
+            written.append(out_dir / name)
+    if published:
+        rep = out_dir / "reproduction.md"
+        rep.write_text(f"# Reproduction: {title}\n\n{reproduction_table(df, published)}")
+        written.append(rep)
+    return written

