@@ -66,8 +66,9 @@ class ConfusionMatrix:
         self.n_images += 1 if label.dim() == 2 else label.shape[0]
 
     def result(self) -> MIoUResult:
-        matrix = self.matrix.cpu() if self.matrix is not None else torch.zeros(self.n_cls, self.n_cls, dtype=torch.long)
-        return metrics_from_confusion(matrix, self.n_images)
+        if self.matrix is None:
+            return metrics_from_confusion(torch.zeros(self.n_cls, self.n_cls, dtype=torch.long), 0)
+        return metrics_from_confusion(self.matrix.cpu(), self.n_images)
 
 
 def metrics_from_confusion(matrix: Tensor, n_images: int = 0) -> MIoUResult:
