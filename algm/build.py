@@ -45,7 +45,7 @@ def make_setup(backbone: str, dataset: str, method: str = "none", *, window: tup
     reduction = build_method(method, cfg, spec, **method_options)
     model = build_segmenter(cfg, spec.n_cls, decoder, reduction)
     if pretrained:
-        from algm.weights import load_pretrained_encoder
+        from algm.weights import load_pretrained
 
-        load_pretrained_encoder(model.encoder)
+        load_pretrained(model.encoder)
     return Setup(model=model, backbone=cfg, dataset=spec, window=window)

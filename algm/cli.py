@@ -13,6 +13,7 @@ import sys
 COMMANDS = [
     "algm.commands.flops",
     "algm.commands.throughput",
+    "algm.commands.eval",
     "algm.commands.bench",
 ]
 

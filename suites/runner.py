@@ -164,11 +164,11 @@ def _miou(suite: Suite, setup: Setup, setting: Setting, opts: RunOptions) -> dic
         return {"miou": math.nan, "miou_trained": math.nan}
     dataset = build_dataset(suite.dataset, suite.split, root=opts.data_root)
     baseline = _setup(suite, setup.backbone.name, Setting("none"), pretrained=True)
-    load_head(setup, train_head(baseline, data_root=opts.data_root, progress=opts.progress))
+    load_head(setup, train_head(baseline, root=opts.data_root, progress=opts.progress))
     out = {"miou": _evaluate(evaluate, setup, dataset, suite, opts)}
     out["miou_trained"] = math.nan
     if setting.train and setting.method != "none":
-        load_head(setup, train_head(setup, data_root=opts.data_root, progress=opts.progress))
+        load_head(setup, train_head(setup, root=opts.data_root, progress=opts.progress))
         out["miou_trained"] = _evaluate(evaluate, setup, dataset, suite, opts)
     elif setting.method == "none":
         out["miou_trained"] = out["miou"]

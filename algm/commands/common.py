@@ -34,12 +34,13 @@ def add_data_arguments(parser: argparse.ArgumentParser, split: str = "val") -> N
     group.add_argument("--limit", type=int, default=None, help="use only the first N images")
 
 
-def setup_from_args(args: argparse.Namespace, pretrained: bool = False) -> Setup:
+def setup_from_args(args: argparse.Namespace, pretrained: bool = False, method: str | None = None) -> Setup:
+    """The Setup the arguments describe; ``method`` overrides ``--method`` (and drops its options)."""
     window = parse_crop(args.crop) if args.crop else None
+    options = method_options(args, args.method) if method is None else {}
     return make_setup(
-        args.backbone, args.dataset, args.method, window=window,
-        decoder=DecoderConfig(args.decoder), pretrained=pretrained,
-        **method_options(args, args.method),
+        args.backbone, args.dataset, method or args.method, window=window,
+        decoder=DecoderConfig(args.decoder), pretrained=pretrained, **options,
     )
 
 

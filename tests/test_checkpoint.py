@@ -1,0 +1,164 @@
+"""Official Segmenter / ALGM checkpoints: variant.yml parsing and strict loading."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from algm.config import HALF, IMAGENET_MEAN, IMAGENET_STD, DecoderConfig, ViTConfig
+from algm.model.segmenter import Segmenter, build_segmenter
+from algm.weights import VariantInfo, load_checkpoint, read_variant
+
+TINY = ViTConfig("tiny", embed_dim=64, depth=2, num_heads=2, patch_size=16, norm_eps=1e-5,
+                 pos_grid=(4, 4))
+N_CLS = 5
+
+# The layout Segmenter writes (yaml.dump of a dict holding a tuple), trimmed.
+VARIANT = """\
+algorithm_kwargs:
+  batch_size: 8
+dataset_kwargs:
+  dataset: ade20k
+  normalization: {normalization}
+inference_kwargs:
+  im_size: 64
+  window_size: 64
+  window_stride: 48
+net_kwargs:
+  backbone: {backbone}
+  d_model: 64
+  decoder:
+    drop_path_rate: 0.0
+    dropout: 0.1
+    n_cls: 5
+    n_layers: 2
+    name: {decoder}
+  distilled: false
+  drop_path_rate: 0.1
+  dropout: 0.0
+  image_size: !!python/tuple
+  - 64
+  - 64
+  n_cls: 5
+  n_heads: 2
+  n_layers: 2
+  patch_size: 16
+"""
+
+
+def write_official(folder: Path, model: Segmenter, backbone: str = "vit_tiny_patch16_384",
+                   decoder: str = "mask_transformer", normalization: str = "vit",
+                   edit=None, **extra) -> Path:
+    """Save ``model`` as Segmenter does: checkpoint.pth {"model": ..., ...} + variant.yml.
+
+    The state dict gets the unused ``encoder.head.*``; ``edit(state)`` may corrupt it.
+    """
+    state = dict(model.state_dict())
+    state["encoder.head.weight"] = torch.randn(1000, TINY.embed_dim)
+    state["encoder.head.bias"] = torch.zeros(1000)
+    if edit is not None:
+        edit(state)
+    path = folder / "checkpoint.pth"
+    torch.save({"model": state, "epoch": 63, **extra}, path)
+    (folder / "variant.yml").write_text(
+        VARIANT.format(backbone=backbone, decoder=decoder, normalization=normalization))
+    return path
+
+
+@pytest.fixture
+def source() -> Segmenter:
+    torch.manual_seed(0)
+    return build_segmenter(TINY, N_CLS, DecoderConfig("mask", 2)).eval()
+
+
+def test_variant_needs_the_tuple_aware_loader(tmp_path, source):
+    write_official(tmp_path, source)
+    with pytest.raises(yaml.constructor.ConstructorError):
+        yaml.safe_load((tmp_path / "variant.yml").read_text())
+    assert read_variant(tmp_path / "variant.yml")["net_kwargs"]["image_size"] == (64, 64)
+
+
+def test_roundtrip_gives_identical_outputs(tmp_path, source):
+    model, info = load_checkpoint(write_official(tmp_path, source))
+    assert info == VariantInfo(backbone="vit_tiny_patch16_384", n_cls=N_CLS, im_size=64,
+                               window_size=64, window_stride=48, mean=HALF, std=HALF)
+    cfg = model.encoder.cfg
+    assert (cfg.norm_eps, cfg.pos_grid, cfg.pos_interp) == (1e-5, (4, 4), "bilinear")
+    torch.manual_seed(1)
+    for size in [(64, 64), (80, 96)]:  # the training grid, and a resized pos-embed
+        images = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            assert torch.equal(model(images), source(images))
+
+
+def test_linear_decoder_and_deit_normalization(tmp_path):
+    source = build_segmenter(TINY, N_CLS, DecoderConfig("linear")).eval()
+    path = write_official(tmp_path, source, backbone="deit_tiny_patch16_224",
+                          decoder="linear", normalization="deit")
+    model, info = load_checkpoint(path)
+    assert (info.mean, info.std) == (IMAGENET_MEAN, IMAGENET_STD)
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(images), source(images))
+
+
+def _drop(state):
+    del state["decoder.proj_patch"]
+
+
+def _add(state):
+    state["encoder.blocks.0.attn.extra"] = torch.zeros(3)
+
+
+def _reshape(state):
+    state["encoder.blocks.1.mlp.fc1.weight"] = torch.zeros(128, 64)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (_drop, ["missing: decoder.proj_patch"]),
+    (_add, ["unexpected: encoder.blocks.0.attn.extra"]),
+    (_reshape, ["mis-shaped: encoder.blocks.1.mlp.fc1.weight (file (128, 64), model (256, 64))"]),
+])
+def test_corrupt_checkpoint_names_the_key(tmp_path, source, edit, words):
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(write_official(tmp_path, source, edit=edit))
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_every_bad_key_is_reported(tmp_path, source):
+    def edit(state):
+        del state["encoder.norm.bias"], state["decoder.cls_emb"]
+        state["encoder.dist_token"] = torch.zeros(1, 1, 64)
+        state["encoder.pos_embed"] = torch.zeros(1, 10, 64)
+
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(write_official(tmp_path, source, edit=edit))
+    for key in ["decoder.cls_emb", "encoder.norm.bias", "encoder.dist_token", "encoder.pos_embed"]:
+        assert key in str(err.value)
+
+
+def test_missing_variant_names_the_expected_path(tmp_path, source):
+    path = write_official(tmp_path, source)
+    (tmp_path / "variant.yml").unlink()
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "variant.yml")):
+        load_checkpoint(path)
+
+
+def test_pickled_metadata_needs_trusted(tmp_path, source):
+    path = write_official(tmp_path, source, args=argparse.Namespace(lr=0.001))
+    with pytest.raises(ValueError, match="trusted=True"):
+        load_checkpoint(path)
+    model, _ = load_checkpoint(path, trusted=True)
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(images), source(images))
+
+
+def test_unknown_decoder_is_rejected(tmp_path, source):
+    with pytest.raises(ValueError, match="unknown decoder 'fancy'"):
+        load_checkpoint(write_official(tmp_path, source, decoder="fancy"))
