@@ -10,11 +10,14 @@ import argparse
 import importlib
 import sys
 
+from algm import distributed
+
 COMMANDS = [
     "algm.commands.flops",
     "algm.commands.throughput",
     "algm.commands.eval",
     "algm.commands.bench",
+    "algm.commands.predict",
 ]
 
 
@@ -31,8 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "nproc", 1) > 1 and not distributed.launched():
+            return distributed.launch(args.nproc, argv)  # re-runs these arguments under torchrun
         return args.func(args) or 0
     except (ValueError, FileNotFoundError, NotADirectoryError) as err:
         print(f"algm-bench {args.command}: error: {err}", file=sys.stderr)

@@ -14,9 +14,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from algm import distributed as dist
 from algm.config import ViTConfig
 from algm.data.transforms import preprocess
-from algm.measure.miou import ConfusionMatrix, MIoUResult
+from algm.measure.miou import ConfusionMatrix, MIoUResult, metrics_from_confusion
 
 DEFAULT_OVERLAP = 32  # default stride = window - 32 pixels per side (SPEC section 4)
 
@@ -72,7 +73,7 @@ def slide_inference(model: nn.Module, image: Tensor, window: tuple[int, int], st
 def evaluate(model: nn.Module, dataset: Dataset, window: tuple[int, int],
              stride: tuple[int, int] | None = None, backbone_cfg: ViTConfig | None = None,
              limit: int | None = None, progress: bool = True, batch_size: int | None = None,
-             num_workers: int = 0) -> MIoUResult:
+             num_workers: int = 0, distributed: bool = False) -> MIoUResult:
     """mIoU of ``model`` (images (B, 3, h, w) -> logits (B, n_cls, h, w)) over ``dataset``.
 
     ``dataset`` yields :class:`algm.data.datasets.Sample` and has ``n_cls``,
@@ -82,6 +83,9 @@ def evaluate(model: nn.Module, dataset: Dataset, window: tuple[int, int],
     are used if given; ``result.n_images`` says how many were. Runs on the model's device
     in eval mode (the training flag is restored afterwards); ``batch_size`` as in
     :func:`slide_inference`; ``num_workers`` decode images in background processes.
+    With ``distributed`` each process of the :mod:`algm.distributed` group evaluates its
+    :func:`~algm.distributed.shard` of the images and every process gets the result of the
+    whole split (confusion matrices summed exactly); only rank 0 shows progress.
     """
     if backbone_cfg is None:
         backbone_cfg = getattr(getattr(model, "encoder", None), "cfg", None)
@@ -93,12 +97,15 @@ def evaluate(model: nn.Module, dataset: Dataset, window: tuple[int, int],
     device = param.device if param is not None else torch.device("cpu")
     n_cls, ignore_index = dataset.n_cls, dataset.ignore_index
     subset = Subset(dataset, range(min(limit, len(dataset)))) if limit is not None else dataset
+    if distributed:
+        subset = Subset(subset, list(dist.shard(range(len(subset)))))
     loader = DataLoader(subset, batch_size=None, num_workers=num_workers)
     confusion = ConfusionMatrix(n_cls, ignore_index)
     was_training = model.training
     model.eval()
     try:
-        for sample in tqdm(loader, total=len(subset), disable=not progress, desc="mIoU", unit="img"):
+        for sample in tqdm(loader, total=len(subset), disable=not progress or not dist.is_main(),
+                           desc="mIoU", unit="img"):
             image = preprocess(sample.image.to(device), min(window), backbone_cfg.mean, backbone_cfg.std)
             logits = slide_inference(model, image, window, stride, n_cls, batch_size)
             size = tuple(sample.label.shape)
@@ -106,4 +113,8 @@ def evaluate(model: nn.Module, dataset: Dataset, window: tuple[int, int],
             confusion.update(logits.argmax(1)[0], sample.label.to(device))
     finally:
         model.train(was_training)
-    return confusion.result()
+    result = confusion.result()
+    if distributed:
+        n_images = dist.all_reduce_sum(torch.tensor(result.n_images)).item()
+        result = metrics_from_confusion(dist.all_reduce_sum(result.confusion), n_images)
+    return result

@@ -5,6 +5,10 @@ configured batch size, tokens kept, and mIoU with two heads: the off-the-shelf h
 (trained without reduction, the method applied at test time) and, for settings marked
 ``train``, a head trained with the method active. Finished rows are JSON files in
 ``cache_dir("rows", suite)``, so a killed run resumes where it stopped.
+
+Under torchrun (:mod:`algm.distributed`) every process runs the same rows: GFLOPs and mIoU
+are sharded over the processes, throughput is measured and row files are read and written
+by rank 0 only, and rank 0 trains missing heads while the others wait.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from algm import distributed
 from algm.build import Setup, make_setup
 from algm.cache import cache_dir
 from algm.config import DecoderConfig, get_backbone
@@ -66,17 +71,19 @@ def run_suite(suite: Suite, opts: RunOptions) -> list[dict]:
     plan = [(b, s) for b in suite.backbones for s in suite.settings
             if not (opts.flops_only and s.method != "none" and not _has_data(suite, opts))]
     rows = []
-    bar = tqdm(plan, desc=f"suite {suite.name}", unit="row", disable=not opts.progress)
+    main = distributed.is_main()
+    bar = tqdm(plan, desc=f"suite {suite.name}", unit="row", disable=not opts.progress or not main)
     for backbone, setting in bar:
         bar.set_postfix_str(f"{backbone} {setting.label()}")
         path = rows_dir / f"{row_key(suite, backbone, setting, opts)}.json"
-        if path.is_file() and not opts.fresh:
-            rows.append(json.loads(path.read_text()))
-            continue
-        row = measure_row(suite, backbone, setting, opts)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(row))
-        tmp.replace(path)
+        cached = main and path.is_file() and not opts.fresh
+        row = distributed.broadcast_object(json.loads(path.read_text()) if cached else None)
+        if row is None:
+            row = measure_row(suite, backbone, setting, opts)
+            if main:
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(row))
+                tmp.replace(path)
         rows.append(row)
     return rows
 
@@ -96,6 +103,7 @@ def _setup(suite: Suite, backbone: str, setting: Setting, pretrained: bool) -> S
 def measure_row(suite: Suite, backbone: str, setting: Setting, opts: RunOptions) -> dict:
     pretrained = get_backbone(backbone).weights is not None
     setup = _setup(suite, backbone, setting, pretrained)
+    distributed.broadcast_module(setup.model)  # random weights differ per process: use rank 0's
     model = setup.model.eval()
     row = {
         "dataset": suite.dataset, "backbone": backbone, "method": setting.method,
@@ -106,8 +114,9 @@ def measure_row(suite: Suite, backbone: str, setting: Setting, opts: RunOptions)
     row.update(_flops_and_tokens(suite, setup, setting, opts))
     if opts.flops_only:
         return row
-    for b in suite.throughput.batch_sizes:
-        row.update(_throughput(suite, setup, b, opts))
+    if distributed.is_main():
+        for b in suite.throughput.batch_sizes:
+            row.update(_throughput(suite, setup, b, opts))
     row.update(_miou(suite, setup, setting, opts))
     return row
 
@@ -131,8 +140,8 @@ def _flops_and_tokens(suite: Suite, setup: Setup, setting: Setting, opts: RunOpt
         return tuple(tokens.tolist())
 
     images = window_images(setup, suite.split, suite.flops_images, opts.data_root)
-    gflops, per_image = average_flops(model, images, signature)
-    mean_tokens = torch.stack(counts).float().mean(0)
+    gflops, per_image = average_flops(model, images, signature, distributed=True)
+    mean_tokens = torch.stack(distributed.gather_in_order(counts)).float().mean(0)
     return {
         "gflops": gflops, "gflops_images": len(per_image),
         "tokens_kept_pct": float(mean_tokens[-1] / (n_patches + 1) * 100),
@@ -151,6 +160,7 @@ def _throughput(suite: Suite, setup: Setup, batch_size: int, opts: RunOptions) -
     return {f"ims_b{batch_size}": result.images_per_s,
             f"ims_b{batch_size}_median": result.median_images_per_s,
             f"ims_b{batch_size}_std": result.std_images_per_s,
+            f"peak_mem_b{batch_size}_mib": result.peak_memory_mib,
             "batch_kind": tp.batch_kind}
 
 
@@ -164,20 +174,32 @@ def _miou(suite: Suite, setup: Setup, setting: Setting, opts: RunOptions) -> dic
         return {"miou": math.nan, "miou_trained": math.nan}
     dataset = build_dataset(suite.dataset, suite.split, root=opts.data_root)
     baseline = _setup(suite, setup.backbone.name, Setting("none"), pretrained=True)
-    load_head(setup, train_head(baseline, root=opts.data_root, progress=opts.progress))
+    load_head(setup, _train_head(train_head, baseline, opts))
     out = {"miou": _evaluate(evaluate, setup, dataset, suite, opts)}
     out["miou_trained"] = math.nan
     if setting.train and setting.method != "none":
-        load_head(setup, train_head(setup, root=opts.data_root, progress=opts.progress))
+        load_head(setup, _train_head(train_head, setup, opts))
         out["miou_trained"] = _evaluate(evaluate, setup, dataset, suite, opts)
     elif setting.method == "none":
         out["miou_trained"] = out["miou"]
     return out
 
 
+def _train_head(train_head, setup: Setup, opts: RunOptions) -> Path:
+    """The head's file: rank 0 trains it (or finds it cached) first, then the other ranks
+    find it in the cache (a cache folder shared by all nodes, or they train it too)."""
+    main = distributed.is_main()
+    if not main:
+        distributed.barrier()  # until rank 0 has its head
+    path = train_head(setup, root=opts.data_root, progress=opts.progress and main)
+    if main:
+        distributed.barrier()
+    return path
+
+
 def _evaluate(evaluate, setup: Setup, dataset, suite: Suite, opts: RunOptions) -> float:
     result = evaluate(setup.model, dataset, setup.window, limit=suite.miou_images,
-                      progress=opts.progress, batch_size=1)
+                      progress=opts.progress, batch_size=1, distributed=True)
     return result.miou * 100
 
 

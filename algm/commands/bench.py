@@ -7,6 +7,9 @@ from pathlib import Path
 
 import torch
 
+from algm import distributed
+from algm.commands.common import add_nproc_argument
+
 REPO_RESULTS = Path(__file__).resolve().parents[2] / "results"
 
 
@@ -25,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="only GFLOPs (random weights for the baseline; methods that adapt to "
                         "the image also need the data)")
     p.add_argument("--device", default="cpu", help="device for throughput (default: cpu)")
+    add_nproc_argument(p)
     p.add_argument("--out", default=None, help="output folder (default: results/<suite>)")
     p.add_argument("--fresh", action="store_true", help="recompute rows even if cached")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -39,9 +43,12 @@ def run(args: argparse.Namespace) -> int:
     suite = load_suite(args.dataset)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    distributed.init()
     opts = RunOptions(data_root=args.data_root, flops_only=args.flops_only, device=args.device,
                       fresh=args.fresh, progress=not args.no_progress)
     rows = run_suite(suite, opts)
+    if not distributed.is_main():
+        return 0
     out = Path(args.out) if args.out else REPO_RESULTS / suite.name
     title = f"{suite.name}: {suite.dataset} {suite.split}" + (" (GFLOPs only)" if args.flops_only else "")
     written = write_reports(rows, out, suite.published_flops, title)

@@ -34,6 +34,12 @@ def add_data_arguments(parser: argparse.ArgumentParser, split: str = "val") -> N
     group.add_argument("--limit", type=int, default=None, help="use only the first N images")
 
 
+def add_nproc_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="split the work over N processes on this machine via torchrun "
+                             "(one per GPU; docs/distributed.md) (default: 1)")
+
+
 def setup_from_args(args: argparse.Namespace, pretrained: bool = False, method: str | None = None) -> Setup:
     """The Setup the arguments describe; ``method`` overrides ``--method`` (and drops its options)."""
     window = parse_crop(args.crop) if args.crop else None

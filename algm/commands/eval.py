@@ -6,7 +6,9 @@ import argparse
 
 import torch
 
-from algm.commands.common import add_data_arguments, add_model_arguments, emit, has_weights, setup_from_args
+from algm import distributed
+from algm.commands.common import (add_data_arguments, add_model_arguments, add_nproc_argument, emit,
+                                  has_weights, setup_from_args)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="official Segmenter/ALGM checkpoint.pth (variant.yml beside it)")
     p.add_argument("--head", default=None, help="head.pt written by `algm-bench train-head`")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: cuda if available, else cpu)")
+                   help="torch device (default: cuda if available, else cpu; under torchrun "
+                        "cuda means cuda:LOCAL_RANK)")
+    add_nproc_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
@@ -34,15 +38,20 @@ def run(args: argparse.Namespace) -> int:
     from algm.data.datasets import build_dataset
     from algm.evaluate import evaluate
 
+    distributed.init()
     dataset = build_dataset(args.dataset, args.split, root=args.data_root)
     model, window, stride, backbone = load_model(args)
-    result = evaluate(model.to(args.device), dataset, window, stride, backbone_cfg=backbone,
-                      limit=args.limit, progress=not args.no_progress, batch_size=1)
+    distributed.broadcast_module(model)  # the same weights everywhere, random ones included
+    result = evaluate(model.to(distributed.device(args.device)), dataset, window, stride,
+                      backbone_cfg=backbone, limit=args.limit, progress=not args.no_progress,
+                      batch_size=1, distributed=True)
+    if not distributed.is_main():
+        return 0
     out = {
         "miou": result.miou, "acc": result.acc, "images": result.n_images,
         "dataset": args.dataset, "split": args.split, "backbone": backbone.name,
         "method": args.method, "settings": model.method.settings(),
-        "window": list(window), "stride": list(stride),
+        "window": list(window), "stride": list(stride), "processes": distributed.world_size(),
         **{k: v for k, v in result.to_dict(dataset.classes).items() if k == "per_class_iou"},
     }
     emit(out, args.json, [

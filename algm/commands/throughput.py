@@ -29,6 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fp32 (default) or autocast to bf16 / fp16")
     p.add_argument("--amp", action="store_true",
                    help="shorthand for --precision fp16 on CUDA, bf16 on CPU")
+    p.add_argument("--tf32", action="store_true",
+                   help="CUDA: allow TF32 for fp32 matmuls and convolutions (default: off, IEEE fp32)")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="CUDA: cuDNN autotuning (torch.backends.cudnn.benchmark) during the warm-up")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the whole model; it compiles during the warm-up")
     p.add_argument("--warmup", type=int, default=5, help="untimed forwards first (default: 5)")
     p.add_argument("--repeats", type=int, default=10, help="timed forwards (default: 10)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -47,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     setup = setup_from_args(args, pretrained=has_weights(args.backbone))
     batch, source = model_batch(setup, args.split, args.batch_size, args.batch_kind, args.data_root)
     model = setup.model.to(device)
-    result = measure_throughput(model, batch.to(device), args.warmup, args.repeats, precision)
+    result = measure_throughput(model, batch.to(device), args.warmup, args.repeats, precision,
+                                tf32=args.tf32, cudnn_benchmark=args.cudnn_benchmark, compile=args.compile)
     out = {
         **result.to_dict(),
         "backbone": args.backbone, "dataset": args.dataset, "method": args.method,
@@ -56,10 +63,11 @@ def run(args: argparse.Namespace) -> int:
     }
     emit(out, args.json, [
         f"{args.backbone} / {args.dataset} / {args.method}, batch {args.batch_size} "
-        f"({args.batch_kind}, {source}), {precision} on {device}:",
+        f"({args.batch_kind}, {source}), {precision}{' +tf32' * args.tf32}"
+        f"{' +cudnn.benchmark' * args.cudnn_benchmark}{' compiled' * args.compile} on {device}:",
         f"  {result.images_per_s:.2f} images/s (median {result.median_images_per_s:.2f}, "
         f"std {result.std_images_per_s:.2f}, latency {result.min_latency_s * 1e3:.1f}-"
         f"{result.max_latency_s * 1e3:.1f} ms over {result.repeats} runs)",
-    ])
+    ] + ([f"  peak GPU memory {result.peak_memory_mib:.0f} MiB"] if result.peak_memory_mib is not None else []))
     return 0
 

@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from algm import distributed as dist
+
 with warnings.catch_warnings():
     # fvcore imports torch.jit.script, which torch 2.14 marks deprecated at import time.
     warnings.simplefilter("ignore", FutureWarning)
@@ -52,16 +54,19 @@ def count_flops(model: nn.Module, inputs: Tensor | tuple) -> float:
 
 
 def average_flops(model: nn.Module, images: Iterable[Tensor],
-                  signature: Callable[[Tensor], tuple] | None = None) -> tuple[float, list[float]]:
+                  signature: Callable[[Tensor], tuple] | None = None,
+                  distributed: bool = False) -> tuple[float, list[float]]:
     """Mean GFLOPs per image over ``images`` (each (1, 3, H, W)), and the per-image list.
 
     ``signature(image)`` returns a hashable key that determines the count (e.g. the
     tokens kept per layer); images with a known key reuse that count instead of a
-    new trace. Without it every image is traced.
+    new trace. Without it every image is traced. With ``distributed`` each process of the
+    :mod:`algm.distributed` group counts its :func:`~algm.distributed.shard` of ``images``
+    and every process gets the whole per-image list, in the order of ``images``.
     """
     cache: dict[tuple, float] = {}
     per_image = []
-    for image in images:
+    for image in dist.shard(images) if distributed else images:
         key = signature(image) if signature is not None else None
         if key is None or key not in cache:
             value = count_flops(model, image)
@@ -70,6 +75,8 @@ def average_flops(model: nn.Module, images: Iterable[Tensor],
                 continue
             cache[key] = value
         per_image.append(cache[key])
+    if distributed:
+        per_image = dist.gather_in_order(per_image)
     if not per_image:
         raise ValueError("no images to count GFLOPs on")
     return sum(per_image) / len(per_image), per_image

@@ -4,13 +4,20 @@ no_grad + eval, warm-up, the device synchronised around every timed forward (CUD
 events on GPU, ``perf_counter`` on CPU), whole model including decoder and restore.
 images/s = batch / mean latency; the spread across repeats is kept, since CPU timings
 here vary a lot between runs.
+
+On CUDA the numeric settings are explicit and recorded with the result: ``precision``
+(fp32, or autocast to bf16 / fp16), ``tf32`` (TF32 for the fp32 matmuls and convolutions;
+off unless asked, although PyTorch's own default allows it for cuDNN convolutions),
+``cudnn_benchmark`` (cuDNN autotuning, done during the warm-up), ``compile``
+(``torch.compile`` of the whole model, compiled during the warm-up), and the peak GPU
+memory allocated during the timed forwards.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -31,6 +38,10 @@ class ThroughputResult:
     warmup: int
     device: str
     precision: str
+    tf32: bool = False
+    cudnn_benchmark: bool = False
+    compile: bool = False
+    peak_memory_mib: float | None = None  # CUDA only: peak allocated during the timed forwards
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,6 +55,25 @@ def autocast_context(device: torch.device, precision: str):
     if precision not in dtypes:
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     return torch.autocast(device_type=device.type, dtype=dtypes[precision])
+
+
+@contextmanager
+def cuda_settings(device: torch.device, tf32: bool, cudnn_benchmark: bool):
+    """Set TF32 (matmul and cuDNN) and cuDNN autotuning for the measurement, then restore them.
+    Both are CUDA settings: asking for them on another device is an error."""
+    if device.type != "cuda":
+        if tf32 or cudnn_benchmark:
+            raise ValueError(f"tf32 and cudnn_benchmark are CUDA settings; the device is {device}")
+        yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark
+    matmul.allow_tf32 = cudnn.allow_tf32 = tf32
+    cudnn.benchmark = cudnn_benchmark
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark = saved
 
 
 def _timed(model: nn.Module, batch: Tensor, device: torch.device) -> float:
@@ -61,18 +91,29 @@ def _timed(model: nn.Module, batch: Tensor, device: torch.device) -> float:
 
 
 def measure_throughput(model: nn.Module, batch: Tensor, warmup: int = 5, repeats: int = 10,
-                       precision: str = "fp32") -> ThroughputResult:
-    """Time ``model(batch)``; batch: (B, 3, H, W) already on the model's device."""
+                       precision: str = "fp32", *, tf32: bool = False, cudnn_benchmark: bool = False,
+                       compile: bool = False) -> ThroughputResult:
+    """Time ``model(batch)``; batch: (B, 3, H, W) already on the model's device.
+
+    ``tf32``, ``cudnn_benchmark`` (CUDA only) and ``compile`` as in the module doc; with
+    ``compile`` the warm-up (at least one forward) includes the compilation."""
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup}, {repeats}")
+    if compile and warmup < 1:
+        raise ValueError("compile needs a warm-up of at least one forward (it compiles there)")
     device = batch.device
+    cuda = device.type == "cuda"
     was_training = model.training
     model.eval()
+    run = torch.compile(model) if compile else model
     try:
-        with torch.no_grad(), autocast_context(device, precision):
+        with torch.no_grad(), cuda_settings(device, tf32, cudnn_benchmark), autocast_context(device, precision):
             for _ in range(warmup):
-                model(batch)
-            latencies = [_timed(model, batch, device) for _ in range(repeats)]
+                run(batch)
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            latencies = [_timed(run, batch, device) for _ in range(repeats)]
     finally:
         model.train(was_training)
     b = batch.shape[0]
@@ -88,4 +129,8 @@ def measure_throughput(model: nn.Module, batch: Tensor, warmup: int = 5, repeats
         warmup=warmup,
         device=str(device),
         precision=precision,
+        tf32=tf32,
+        cudnn_benchmark=cudnn_benchmark,
+        compile=compile,
+        peak_memory_mib=torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
     )
