@@ -12,12 +12,16 @@ import sys
 
 from algm import distributed
 
+# "module:function", the function adds its subcommand(s) to the parser.
 COMMANDS = [
-    "algm.commands.flops",
-    "algm.commands.throughput",
-    "algm.commands.eval",
-    "algm.commands.bench",
-    "algm.commands.predict",
+    "algm.commands.flops:register",
+    "algm.commands.throughput:register",
+    "algm.commands.eval:register",
+    "algm.commands.bench:register",
+    "algm.commands.predict:register",
+    "algm.commands.train_head:register",
+    "baselines.policy:add_train_policy_parser",
+    "baselines.prune:add_train_parser",
 ]
 
 
@@ -28,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "GFLOPs, images/s and mIoU under one protocol.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(name).register(sub)
+    for target in COMMANDS:
+        module, function = target.split(":")
+        getattr(importlib.import_module(module), function)(sub)
     return parser
 
 

@@ -52,6 +52,7 @@ class Suite:
     miou_images: int | None = None
     throughput: Throughput = Throughput()
     published_flops: dict = field(default_factory=dict)
+    gallery: bool = False  # token-map gallery of fixed CamVid frames in the report
 
     def window_for(self, backbone: str) -> tuple[int, int] | None:
         window = self.windows.get(backbone)
@@ -90,6 +91,7 @@ def load_suite(name_or_path: str) -> Suite:
             throughput=Throughput(**{k: tuple(v) if isinstance(v, list) else v
                                      for k, v in raw.get("throughput", {}).items()}),
             published_flops=raw.get("published_flops", {}) or {},
+            gallery=bool(raw.get("gallery", False)),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path}: invalid suite: {err}") from None

@@ -12,14 +12,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-# (column, header, format, which value is best: "max", "min" or None)
-COLUMNS = [
+# (column, header, format, which value is best: "max", "min" or None); the throughput
+# columns are added per batch size found in the rows.
+HEAD_COLUMNS = [
     ("gflops", "GFLOPs", "{:.2f}", "min"),
     ("d_gflops", "ΔGFLOPs %", "{:+.1f}", None),
-    ("ims_b1", "im/s b1", "{:.2f}", "max"),
-    ("speedup_b1", "speed-up b1", "{:.2f}x", "max"),
-    ("ims_b8", "im/s b8", "{:.2f}", "max"),
-    ("speedup_b8", "speed-up b8", "{:.2f}x", "max"),
+]
+TAIL_COLUMNS = [
     ("miou", "mIoU off-the-shelf", "{:.1f}", "max"),
     ("miou_trained", "mIoU trained w/ method", "{:.1f}", "max"),
     ("d_miou", "ΔmIoU", "{:+.1f}", None),
@@ -27,24 +26,40 @@ COLUMNS = [
 ]
 
 
+def batch_sizes(df: pd.DataFrame) -> list[int]:
+    """Batch sizes with a throughput column (``ims_b<n>``), ascending."""
+    return sorted(int(c[5:]) for c in df.columns if c.startswith("ims_b") and c[5:].isdigit())
+
+
+def columns(df: pd.DataFrame) -> list[tuple]:
+    speed = []
+    for b in batch_sizes(df):
+        speed += [(f"ims_b{b}", f"im/s b{b}", "{:.2f}", "max"),
+                  (f"speedup_b{b}", f"speed-up b{b}", "{:.2f}x", "max")]
+    return HEAD_COLUMNS + speed + TAIL_COLUMNS
+
+
 def to_frame(rows: list[dict]) -> pd.DataFrame:
     """One row per backbone x setting, with deltas against that backbone's ``none`` row."""
     df = pd.DataFrame(rows)
-    for col in ("ims_b1", "ims_b8", "miou", "miou_trained"):
+    for col in ("miou", "miou_trained"):
         if col not in df:
             df[col] = math.nan
     base = df[df.method == "none"].drop_duplicates("backbone").set_index("backbone")
-    ref = lambda col: df.backbone.map(base[col]) if col in base else math.nan  # noqa: E731
+
+    def ref(col):
+        return df.backbone.map(base[col]) if col in base else math.nan
+
     df["d_gflops"] = (df.gflops / ref("gflops") - 1) * 100
-    df["speedup_b1"] = df.ims_b1 / ref("ims_b1")
-    df["speedup_b8"] = df.ims_b8 / ref("ims_b8")
+    for b in batch_sizes(df):
+        df[f"speedup_b{b}"] = df[f"ims_b{b}"] / ref(f"ims_b{b}")
     best = df[["miou", "miou_trained"]].max(axis=1)
     df["d_miou"] = best - ref("miou")
     return df
 
 
 def _cells(df: pd.DataFrame, bold) -> list[list[str]]:
-    present = [c for c in COLUMNS if df[c[0]].notna().any()]
+    present = [c for c in columns(df) if df[c[0]].notna().any()]
     out = [["backbone", "method", "setting"] + [h for _, h, _, _ in present]]
     for backbone, group in df.groupby("backbone", sort=False):
         best = {col: (group[col].max() if rule == "max" else group[col].min())
@@ -69,7 +84,9 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 
 def latex_table(df: pd.DataFrame) -> str:
-    esc = lambda t: t.replace("%", r"\%").replace("_", r"\_").replace("Δ", r"$\Delta$")  # noqa: E731
+    def esc(text: str) -> str:
+        return text.replace("%", r"\%").replace("_", r"\_").replace("Δ", r"$\Delta$")
+
     cells = _cells(df, lambda t: r"\textbf{" + t + "}")
     lines = [r"\begin{tabular}{lll" + "r" * (len(cells[0]) - 3) + "}", r"\toprule",
              " & ".join(esc(c) for c in cells[0]) + r" \\", r"\midrule"]
@@ -123,9 +140,12 @@ def write_reports(rows: list[dict], out_dir: Path, published: dict, title: str) 
     tex = out_dir / "table.tex"
     tex.write_text(latex_table(df))
     written.append(tex)
-    for x, label, name in [("gflops", "GFLOPs per image", "miou_vs_gflops.png"),
-                           ("ims_b1", "images/s (batch 1)", "miou_vs_throughput.png")]:
-        if tradeoff_plot(df, x, label, out_dir / name):
+    plots = [("gflops", "GFLOPs per image", "miou_vs_gflops.png")]
+    if batch_sizes(df):
+        b = batch_sizes(df)[0]
+        plots.append((f"ims_b{b}", f"images/s (batch {b})", "miou_vs_throughput.png"))
+    for x, label, name in plots:
+        if x in df and tradeoff_plot(df, x, label, out_dir / name):
             written.append(out_dir / name)
     if published:
         rep = out_dir / "reproduction.md"

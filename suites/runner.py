@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -100,8 +101,39 @@ def _setup(suite: Suite, backbone: str, setting: Setting, pretrained: bool) -> S
                       decoder=DecoderConfig(suite.decoder), pretrained=pretrained, **setting.options)
 
 
+def ensure_trained_parts(suite: Suite, backbone: str, setting: Setting, opts: RunOptions) -> None:
+    """Train what a method needs besides the decoder, once, into the cache: pruning's
+    auxiliary heads and CTS's learned policy (only rank 0 trains; the others wait)."""
+    from baselines.cts import CTS
+    from baselines.policy import policy_path, train_policy
+    from baselines.prune import TokenPruning, default_layers, heads_path, parse_layers, train_aux_heads
+
+    cfg = get_backbone(backbone)
+    task = None
+    if setting.method == "prune":
+        config = TokenPruning.Config(**setting.options)
+        layers = parse_layers(config.exit_layers) if config.exit_layers else default_layers(cfg.depth)
+        if not config.random_heads and not config.heads_file and not heads_path(backbone, suite.dataset, layers).is_file():
+            task = partial(train_aux_heads, backbone, suite.dataset, exit_layers=layers,
+                           window=suite.window_for(backbone), data_root=opts.data_root,
+                           progress=opts.progress)
+    elif setting.method == "cts":
+        config = CTS.Config(**setting.options)
+        if (config.policy == "learned" and not config.policy_checkpoint
+                and not policy_path(suite.dataset, cfg.patch_size, config.policy_arch).is_file()):
+            task = partial(train_policy, suite.dataset, backbone, arch=config.policy_arch,
+                           root=opts.data_root, progress=opts.progress)
+    if task is None:
+        return
+    if distributed.is_main():
+        task()
+    distributed.barrier()
+
+
 def measure_row(suite: Suite, backbone: str, setting: Setting, opts: RunOptions) -> dict:
     pretrained = get_backbone(backbone).weights is not None
+    if pretrained and _has_data(suite, opts):
+        ensure_trained_parts(suite, backbone, setting, opts)
     setup = _setup(suite, backbone, setting, pretrained)
     distributed.broadcast_module(setup.model)  # random weights differ per process: use rank 0's
     model = setup.model.eval()
@@ -198,8 +230,10 @@ def _train_head(train_head, setup: Setup, opts: RunOptions) -> Path:
 
 
 def _evaluate(evaluate, setup: Setup, dataset, suite: Suite, opts: RunOptions) -> float:
-    result = evaluate(setup.model, dataset, setup.window, limit=suite.miou_images,
+    model = setup.model.to(distributed.device(opts.device))
+    result = evaluate(model, dataset, setup.window, limit=suite.miou_images,
                       progress=opts.progress, batch_size=1, distributed=True)
+    setup.model.to("cpu")
     return result.miou * 100
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from algm import distributed
-from algm.commands.common import add_nproc_argument
+from algm.commands.common import add_nproc_argument, has_weights
 
 REPO_RESULTS = Path(__file__).resolve().parents[2] / "results"
 
@@ -52,7 +52,27 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else REPO_RESULTS / suite.name
     title = f"{suite.name}: {suite.dataset} {suite.split}" + (" (GFLOPs only)" if args.flops_only else "")
     written = write_reports(rows, out, suite.published_flops, title)
+    if suite.gallery and not args.flops_only:
+        written.append(write_suite_gallery(suite, out, args.data_root))
     write_machine(out, opts)
     for path in written + [out / "machine.json"]:
         print(path)
     return 0
+
+
+def write_suite_gallery(suite, out: Path, data_root: str | None) -> Path:
+    """Token maps of every method of the suite (default settings) on the fixed CamVid
+    frames, linked from table.md."""
+    from algm.visualize import gallery_frames, method_variants, write_gallery
+    from suites.definition import Setting
+    from suites.runner import _setup
+
+    backbone = suite.backbones[0]
+    base = _setup(suite, backbone, Setting("none"), pretrained=has_weights(backbone))
+    methods = list(dict.fromkeys(s.method for s in suite.settings))
+    models = method_variants(base.model, base.backbone, base.dataset, methods)
+    path = write_gallery(models, gallery_frames(root=data_root), out / "gallery.png", window=base.window)
+    with open(out / "table.md", "a") as table:
+        table.write(f"\n## Token maps\n\nEach method at its default setting on fixed {suite.dataset} "
+                    f"{suite.split} frames ({backbone}):\n\n![token maps](gallery.png)\n")
+    return path
