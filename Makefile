@@ -6,6 +6,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATASET ?= camvid
 BENCH_ARGS ?=
+MAX_SLOWDOWN ?= 25%
+BENCHMARKS := results/benchmarks
 STAMP := $(VENV)/.installed
 # pip prints one harmless warning per package for this machine's empty local indexes.
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
@@ -16,6 +18,8 @@ help:
 	@echo "make install        create $(VENV) and install everything (idempotent)"
 	@echo "make bench          run the benchmark suite (DATASET=camvid|ade20k|cityscapes|pascal|cocostuff)"
 	@echo "make test           run the test suite"
+	@echo "make bench-regress  pytest-benchmark run of tests/bench, compared with the last saved"
+	@echo "                    run in $(BENCHMARKS); fails on a median slowdown > MAX_SLOWDOWN"
 	@echo "make clean          remove build artefacts and caches of this checkout"
 
 install: $(STAMP)
@@ -33,6 +37,12 @@ test: install
 
 bench: install
 	$(BIN)/algm-bench bench --dataset $(DATASET) $(BENCH_ARGS)
+
+# The first run only saves a baseline; later runs compare with the newest saved run.
+bench-regress: install
+	$(BIN)/pytest tests/bench -q -o addopts="" --benchmark-only \
+		--benchmark-storage=$(BENCHMARKS) --benchmark-autosave \
+		$$(ls $(BENCHMARKS)/*/*.json >/dev/null 2>&1 && echo --benchmark-compare --benchmark-compare-fail=median:$(MAX_SLOWDOWN))
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .benchmarks
