@@ -121,8 +121,10 @@ def overlay_rgb(image: np.ndarray, labels: np.ndarray, palette: np.ndarray,
 
 
 # ================================================================ images and inputs
-def read_image(path: str | Path) -> Tensor:
-    """(3, H, W) uint8 RGB of an image file; FileNotFoundError / ValueError that name it."""
+def _open_image(path: str | Path, decode: bool) -> np.ndarray | None:
+    """Open an image file; decode it to (H, W, 3) uint8 RGB, or only verify its header.
+
+    Raises FileNotFoundError / ValueError that name the file."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -132,26 +134,22 @@ def read_image(path: str | Path) -> Tensor:
         raise ValueError(f"not an image file: {path} is a folder")
     try:
         with Image.open(path) as im:
-            rgb = np.array(im.convert("RGB"))
+            if decode:
+                return np.array(im.convert("RGB"))
+            im.verify()
+            return None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"cannot read image {path}: {err}") from None
-    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+
+
+def read_image(path: str | Path) -> Tensor:
+    """(3, H, W) uint8 RGB of an image file; FileNotFoundError / ValueError that name it."""
+    return torch.from_numpy(_open_image(path, decode=True)).permute(2, 0, 1).contiguous()
 
 
 def check_image(path: str | Path) -> None:
     """Fail like :func:`read_image` without decoding the pixels (cheap up-front check)."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"image not found: {path}")
-    if not path.is_file():
-        raise ValueError(f"not an image file: {path} is a folder")
-    try:
-        with Image.open(path) as im:
-            im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from None
+    _open_image(path, decode=False)
 
 
 def prepare_input(image: Tensor, window: tuple[int, int], mean: Sequence[float],
