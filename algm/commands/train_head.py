@@ -18,8 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "dataset, split, window, method and its settings), so an epoch costs only the "
                     "decoder. Checkpoints are written every epoch; running the same command again "
                     "resumes (or returns the finished head). Prints the mIoU on --eval-split at "
-                    "the end. Baseline ViT-S/14 + mask decoder on CamVid: about 3 min of one-off "
-                    "feature extraction and 1-2 min per epoch on 2 idle CPU cores.",
+                    "the end. Baseline ViT-S/14 + mask decoder on CamVid (2 CPU cores): one-off "
+                    "feature extraction of the 367 train frames, then about 75 s per epoch "
+                    "(default 6 epochs), 52 mIoU on val.",
     )
     add_model_arguments(p)
     add_data_arguments(p, split="train")
