@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from algm.measure.throughput import CONTENDED_BELOW  # noqa: E402
+
 # (column, header, format, which value is best: "max", "min" or None); the throughput
 # columns are added per batch size found in the rows.
 HEAD_COLUMNS = [
@@ -58,6 +60,19 @@ def to_frame(rows: list[dict]) -> pd.DataFrame:
     return df
 
 
+CONTENDED_MARK = "†"
+CONTENDED_NOTE = ("† timed while other processes competed for the CPU (utilisation below "
+                  "{:.1f} even after retries): the figure understates the speed.")
+
+
+def _contended(r: pd.Series, col: str) -> bool:
+    """True for a throughput cell (``ims_bN`` / ``speedup_bN``) whose timing was contended."""
+    if not col.startswith(("ims_b", "speedup_b")):
+        return False
+    flag = r.get(f"contended_b{col.rsplit('_b', 1)[1]}")
+    return flag is not None and not pd.isna(flag) and bool(flag)
+
+
 def _cells(df: pd.DataFrame, bold) -> list[list[str]]:
     present = [c for c in columns(df) if df[c[0]].notna().any()]
     out = [["backbone", "method", "setting"] + [h for _, h, _, _ in present]]
@@ -71,27 +86,38 @@ def _cells(df: pd.DataFrame, bold) -> list[list[str]]:
                 text = "–" if pd.isna(v) else fmt.format(v)
                 if rule and not pd.isna(v) and v == best[col] and len(group) > 1:
                     text = bold(text)
-                line.append(text)
+                line.append(text + CONTENDED_MARK * _contended(r, col))
             out.append(line)
     return out
+
+
+def _contended_note(cells: list[list[str]]) -> str | None:
+    if not any(CONTENDED_MARK in c for row in cells[1:] for c in row):
+        return None
+    return CONTENDED_NOTE.format(CONTENDED_BELOW)
 
 
 def markdown_table(df: pd.DataFrame) -> str:
     cells = _cells(df, lambda t: f"**{t}**")
     lines = ["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0])]
     lines += ["| " + " | ".join(c) + " |" for c in cells[1:]]
-    return "\n".join(lines) + "\n"
+    note = _contended_note(cells)
+    return "\n".join(lines + ([f"\n{note}"] if note else [])) + "\n"
 
 
 def latex_table(df: pd.DataFrame) -> str:
     def esc(text: str) -> str:
-        return text.replace("%", r"\%").replace("_", r"\_").replace("Δ", r"$\Delta$")
+        return (text.replace("%", r"\%").replace("_", r"\_").replace("Δ", r"$\Delta$")
+                .replace(CONTENDED_MARK, r"$^\dagger$"))
 
     cells = _cells(df, lambda t: r"\textbf{" + t + "}")
     lines = [r"\begin{tabular}{lll" + "r" * (len(cells[0]) - 3) + "}", r"\toprule",
              " & ".join(esc(c) for c in cells[0]) + r" \\", r"\midrule"]
     lines += [" & ".join(esc(c) for c in row) + r" \\" for row in cells[1:]]
     lines += [r"\bottomrule", r"\end{tabular}"]
+    note = _contended_note(cells)
+    if note:
+        lines.append(r"\\[2pt]{\footnotesize " + esc(note) + "}")
     return "\n".join(lines) + "\n"
 
 
@@ -126,6 +152,15 @@ def reproduction_table(df: pd.DataFrame, published: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _time_note(df: pd.DataFrame) -> str:
+    """How long measuring the rows took (one-off training they needed included)."""
+    if "seconds" not in df or df.seconds.isna().all():
+        return ""
+    return (f"\nMeasuring these rows took {df.seconds.sum() / 60:.1f} min on the recorded machine "
+            f"(`machine.json`), one-off training of the heads, pruning heads and policies they "
+            f"needed included.\n")
+
+
 def write_reports(rows: list[dict], out_dir: Path, published: dict, title: str) -> list[Path]:
     """Write results.csv, table.md, table.tex, the two plots and reproduction.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -135,7 +170,7 @@ def write_reports(rows: list[dict], out_dir: Path, published: dict, title: str) 
     df.to_csv(csv, index=False)
     written.append(csv)
     md = out_dir / "table.md"
-    md.write_text(f"# {title}\n\n{markdown_table(df)}")
+    md.write_text(f"# {title}\n\n{markdown_table(df)}{_time_note(df)}")
     written.append(md)
     tex = out_dir / "table.tex"
     tex.write_text(latex_table(df))

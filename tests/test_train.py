@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from algm.measure.miou import ConfusionMatrix
 from algm.model.segmenter import build_segmenter
 from algm.reduction import TokenReduction
 from algm.train import (
-    TrainConfig, collate, decode, extract_features, load_head, train_head, trained_head_path,
+    TrainConfig, batch_order, collate, decode, extract_features, load_head, train_head, trained_head_path,
 )
 
 N_CLS, IGNORE = 3, 3
@@ -246,12 +247,63 @@ def test_fully_ignored_window_is_skipped(tmp_path):
     assert meta["history"][0]["loss"] > 0
 
 
-def test_algm_method_if_present(tmp_path):
-    pytest.importorskip("algm.algm")
-    try:
-        method = make_setup("vit-s16", "camvid", "algm", window=(64, 64)).model.method
-    except Exception as err:  # the method is being written by others
-        pytest.skip(f"ALGM not buildable here: {err}")
+def test_batch_order_groups_similar_lengths():
+    lengths = torch.randint(300, 700, (101,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def order(group, seed=3, lens=lengths):
+        return batch_order(lens, 4, group, torch.Generator().manual_seed(seed))
+
+    def padding(batches):
+        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
+
+    grouped, plain = order(16), order(1)
+    for batches in (grouped, plain):
+        assert sorted(i for b in batches for i in b) == list(range(101))
+        assert [len(b) for b in batches] == [4] * 25 + [1]
+    shuffled = torch.randperm(101, generator=torch.Generator().manual_seed(3)).tolist()
+    assert [sorted(b) for b in plain] == [sorted(shuffled[i:i + 4]) for i in range(0, 101, 4)]
+    assert padding(grouped) < 0.25 * padding(plain)
+    assert order(16) == grouped and order(16, seed=4) != grouped
+    # equal lengths: grouping changes nothing, so unreduced heads train as before
+    assert order(16, lens=[769] * 101) == [shuffled[i:i + 4] for i in range(0, 101, 4)]
+
+
+def test_padding_recorded_and_grouping_is_part_of_the_key(tmp_path):
+    data = FakeData(6)
+    setup = tiny_setup(PairMerge(3))
+    grouped = TrainConfig(epochs=1, batch_size=2, warmup=0)
+    path = train_head(setup, config=grouped, dataset=data, cache=tmp_path, progress=False)
+    plain = dataclasses.replace(grouped, length_groups=1)
+    other = train_head(setup, config=plain, dataset=data, cache=tmp_path, progress=False)
+    assert other != path
+    assert load_head(setup, path)["history"][0]["padding"] < load_head(setup, other)["history"][0]["padding"]
+    with pytest.raises(ValueError, match="length_groups"):
+        TrainConfig(length_groups=0)
+
+
+def test_precision_resolves_per_cpu_and_keys_the_head(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "native_bf16", lambda: True)
+    assert TrainConfig().resolved_precision() == "bf16"
+    monkeypatch.setattr(train_mod, "native_bf16", lambda: False)
+    assert TrainConfig().resolved_precision() == "fp32"
+    assert TrainConfig(precision="bf16").resolved_precision() == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16"):
+        TrainConfig(precision="fp16")
+    data = FakeData(4)
+    config = TrainConfig(epochs=3, batch_size=2, lr=3e-3, warmup=0)
+    auto = train_head(tiny_setup(), config=config, dataset=data, cache=tmp_path, progress=False)
+    fp32 = dataclasses.replace(config, precision="fp32")
+    assert train_head(tiny_setup(), config=fp32, dataset=data, cache=tmp_path, progress=False) == auto
+    setup = tiny_setup()
+    bf16 = train_head(setup, config=dataclasses.replace(config, precision="bf16"), dataset=data,
+                      cache=tmp_path, progress=False)
+    meta = load_head(setup, bf16)
+    assert bf16 != auto and meta["train"]["precision"] == "bf16"
+    assert meta["history"][-1]["loss"] < meta["history"][0]["loss"]
+
+
+def test_algm_method_trains_a_head(tmp_path):
+    method = make_setup("vit-s16", "camvid", "algm", window=(64, 64)).model.method
     data = FakeData(4)
     setup = tiny_setup(method)
     path = train_head(setup, epochs=2, dataset=data, cache=tmp_path, progress=False, batch_size=2)
@@ -267,8 +319,10 @@ def test_command_parses_and_rejects_random_backbones():
     parser = argparse.ArgumentParser()
     cmd.register(parser.add_subparsers())
     args = parser.parse_args(["train-head", "--epochs", "2", "--lr", "1e-3", "--batch-size", "3",
-                              "--lr-schedule", "poly", "--flip", "--decoder", "linear", "--restart"])
-    assert config_from_args(args) == TrainConfig(epochs=2, lr=1e-3, batch_size=3, schedule="poly", flip=True)
+                              "--lr-schedule", "poly", "--flip", "--decoder", "linear", "--restart",
+                              "--length-groups", "4"])
+    assert config_from_args(args) == TrainConfig(epochs=2, lr=1e-3, batch_size=3, schedule="poly", flip=True,
+                                                 length_groups=4)
     assert args.restart and args.decoder == "linear" and args.split == "train"
     assert main(["--backbone", "vit-s16", "--no-eval"]) == 2
 

@@ -7,7 +7,7 @@ import argparse
 import torch
 
 from algm.commands.common import add_data_arguments, add_model_arguments, emit, has_weights, setup_from_args
-from algm.measure.throughput import measure_throughput
+from algm.measure.throughput import CONTENDED_BELOW, measure_throughput
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -68,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
         f"  {result.images_per_s:.2f} images/s (median {result.median_images_per_s:.2f}, "
         f"std {result.std_images_per_s:.2f}, latency {result.min_latency_s * 1e3:.1f}-"
         f"{result.max_latency_s * 1e3:.1f} ms over {result.repeats} runs)",
-    ] + ([f"  peak GPU memory {result.peak_memory_mib:.0f} MiB"] if result.peak_memory_mib is not None else []))
+    ] + ([f"  peak GPU memory {result.peak_memory_mib:.0f} MiB"] if result.peak_memory_mib is not None else [])
+      + ([f"  CPU utilisation {result.cpu_utilisation:.2f} of {torch.get_num_threads()} threads"
+          + (" (other processes competed for the cores)" if result.cpu_utilisation < CONTENDED_BELOW else "")]
+         if result.cpu_utilisation is not None else []))
     return 0
 

@@ -3,7 +3,10 @@
 no_grad + eval, warm-up, the device synchronised around every timed forward (CUDA
 events on GPU, ``perf_counter`` on CPU), whole model including decoder and restore.
 images/s = batch / mean latency; the spread across repeats is kept, since CPU timings
-here vary a lot between runs.
+here vary a lot between runs. On CPU the result also says how busy this process kept
+its intra-op threads during the timed forwards (``cpu_utilisation``: process CPU time
+over wall time x threads): well below 1, other processes competed for the cores and the
+figure understates the method's speed.
 
 On CUDA the numeric settings are explicit and recorded with the result: ``precision``
 (fp32, or autocast to bf16 / fp16), ``tf32`` (TF32 for the fp32 matmuls and convolutions;
@@ -24,6 +27,10 @@ import torch
 from torch import Tensor, nn
 
 
+# cpu_utilisation below this: the timing competed with other processes.
+CONTENDED_BELOW = 0.8
+
+
 @dataclass(frozen=True)
 class ThroughputResult:
     """Latencies are per batch in seconds; rates are images per second."""
@@ -42,6 +49,7 @@ class ThroughputResult:
     cudnn_benchmark: bool = False
     compile: bool = False
     peak_memory_mib: float | None = None  # CUDA only: peak allocated during the timed forwards
+    cpu_utilisation: float | None = None  # CPU only: process CPU time / (wall time x threads)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,7 +121,9 @@ def measure_throughput(model: nn.Module, batch: Tensor, warmup: int = 5, repeats
             if cuda:
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
+            cpu_start = time.process_time()
             latencies = [_timed(run, batch, device) for _ in range(repeats)]
+            cpu_seconds = time.process_time() - cpu_start
     finally:
         model.train(was_training)
     b = batch.shape[0]
@@ -133,4 +143,5 @@ def measure_throughput(model: nn.Module, batch: Tensor, warmup: int = 5, repeats
         cudnn_benchmark=cudnn_benchmark,
         compile=compile,
         peak_memory_mib=torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
+        cpu_utilisation=None if cuda else cpu_seconds / (sum(latencies) * torch.get_num_threads()),
     )
