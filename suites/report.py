@@ -54,7 +54,9 @@ def to_frame(rows: list[dict]) -> pd.DataFrame:
 
     df["d_gflops"] = (df.gflops / ref("gflops") - 1) * 100
     for b in batch_sizes(df):
-        df[f"speedup_b{b}"] = df[f"ims_b{b}"] / ref(f"ims_b{b}")
+        # The baseline timed interleaved with the row where there is one, else its own row.
+        paired = df[f"base_ims_b{b}"] if f"base_ims_b{b}" in df else pd.Series(math.nan, index=df.index)
+        df[f"speedup_b{b}"] = df[f"ims_b{b}"] / paired.fillna(ref(f"ims_b{b}"))
     best = df[["miou", "miou_trained"]].max(axis=1)
     df["d_miou"] = best - ref("miou")
     return df

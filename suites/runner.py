@@ -29,7 +29,7 @@ from algm.build import Setup, make_setup
 from algm.cache import cache_dir
 from algm.config import DecoderConfig, get_backbone
 from algm.measure.flops import average_flops, count_flops
-from algm.measure.throughput import CONTENDED_BELOW, measure_throughput
+from algm.measure.throughput import CONTENDED_BELOW, measure_interleaved
 from suites.definition import Setting, Suite
 from suites.machine import machine_record
 
@@ -143,7 +143,6 @@ def measure_row(suite: Suite, backbone: str, setting: Setting, opts: RunOptions)
         ensure_trained_parts(suite, backbone, setting, opts)
     setup = _setup(suite, backbone, setting, pretrained)
     distributed.broadcast_module(setup.model)  # random weights differ per process: use rank 0's
-    model = setup.model.eval()
     row = {
         "dataset": suite.dataset, "backbone": backbone, "method": setting.method,
         "setting": setting.label(), "options": setting.options,
@@ -153,10 +152,13 @@ def measure_row(suite: Suite, backbone: str, setting: Setting, opts: RunOptions)
     row.update(_flops_and_tokens(suite, setup, setting, opts))
     if opts.flops_only:
         return row
+    baseline = setup if setting.method == "none" else _setup(suite, backbone, Setting("none"), pretrained)
+    if baseline is not setup:
+        distributed.broadcast_module(baseline.model)
     if distributed.is_main():
         for b in suite.throughput.batch_sizes:
-            row.update(_throughput(suite, setup, b, opts))
-    row.update(_miou(suite, setup, setting, opts))
+            row.update(_throughput(suite, setup, baseline, b, opts))
+    row.update(_miou(suite, setup, baseline, setting, opts))
     return row
 
 
@@ -188,34 +190,46 @@ def _flops_and_tokens(suite: Suite, setup: Setup, setting: Setting, opts: RunOpt
     }
 
 
-def _throughput(suite: Suite, setup: Setup, batch_size: int, opts: RunOptions) -> dict:
-    """images/s at one batch size. A CPU timing that competed with other processes
-    (utilisation below :data:`~algm.measure.throughput.CONTENDED_BELOW`) is repeated up
-    to ``suite.throughput.contended_retries`` times; the least disturbed one is kept, and
-    flagged if it is still contended."""
+def _throughput(suite: Suite, setup: Setup, baseline: Setup, batch_size: int, opts: RunOptions) -> dict:
+    """images/s at one batch size, timed interleaved with the baseline (``base_ims_bN``;
+    the row's speed-up is the ratio of the two, see
+    :func:`~algm.measure.throughput.measure_interleaved`). A CPU timing that competed with
+    other processes (utilisation below :data:`~algm.measure.throughput.CONTENDED_BELOW`)
+    is repeated up to ``suite.throughput.contended_retries`` times; the least disturbed
+    one is kept, and flagged if it is still contended."""
     from algm.commands.images import model_batch
 
     tp = suite.throughput
     batch, _ = model_batch(setup, suite.split, batch_size, tp.batch_kind, opts.data_root)
-    model = setup.model.to(opts.device)
-    result = measure_throughput(model, batch.to(opts.device), tp.warmup, tp.repeats)
+    batch = batch.to(opts.device)
+    models = [s.model.to(opts.device) for s in ((setup,) if baseline is setup else (setup, baseline))]
+    results = measure_interleaved(models, batch, tp.warmup, tp.repeats)
     for _ in range(tp.contended_retries):
-        if result.cpu_utilisation is None or result.cpu_utilisation >= CONTENDED_BELOW:
+        if not _least_utilisation(results) < CONTENDED_BELOW:
             break
-        again = measure_throughput(model, batch.to(opts.device), tp.warmup, tp.repeats)
-        result = max(result, again, key=lambda r: r.cpu_utilisation)
-    setup.model.to("cpu")
-    util = result.cpu_utilisation
-    return {f"ims_b{batch_size}": result.images_per_s,
-            f"ims_b{batch_size}_median": result.median_images_per_s,
-            f"ims_b{batch_size}_std": result.std_images_per_s,
-            f"peak_mem_b{batch_size}_mib": result.peak_memory_mib,
-            f"cpu_util_b{batch_size}": util,
-            f"contended_b{batch_size}": util is not None and util < CONTENDED_BELOW,
-            "batch_kind": tp.batch_kind}
+        again = measure_interleaved(models, batch, tp.warmup, tp.repeats)
+        results = max(results, again, key=_least_utilisation)
+    for model in models:
+        model.to("cpu")
+    result, util = results[0], _least_utilisation(results)
+    out = {f"ims_b{batch_size}": result.images_per_s,
+           f"ims_b{batch_size}_median": result.median_images_per_s,
+           f"ims_b{batch_size}_std": result.std_images_per_s,
+           f"peak_mem_b{batch_size}_mib": result.peak_memory_mib,
+           f"cpu_util_b{batch_size}": util,
+           f"contended_b{batch_size}": util < CONTENDED_BELOW,
+           "batch_kind": tp.batch_kind}
+    if len(results) > 1:
+        out[f"base_ims_b{batch_size}"] = results[1].images_per_s
+    return out
 
 
-def _miou(suite: Suite, setup: Setup, setting: Setting, opts: RunOptions) -> dict:
+def _least_utilisation(results) -> float:
+    """The lowest CPU utilisation among interleaved results (1.0 on GPU: not measured)."""
+    return min((r.cpu_utilisation for r in results if r.cpu_utilisation is not None), default=1.0)
+
+
+def _miou(suite: Suite, setup: Setup, baseline: Setup, setting: Setting, opts: RunOptions) -> dict:
     """mIoU with the off-the-shelf head and, if asked, a head trained with the method."""
     from algm.data.datasets import build_dataset
     from algm.evaluate import evaluate
@@ -224,7 +238,6 @@ def _miou(suite: Suite, setup: Setup, setting: Setting, opts: RunOptions) -> dic
     if setup.backbone.weights is None:
         return {"miou": math.nan, "miou_trained": math.nan}
     dataset = build_dataset(suite.dataset, suite.split, root=opts.data_root)
-    baseline = _setup(suite, setup.backbone.name, Setting("none"), pretrained=True)
     load_head(setup, _train_head(train_head, baseline, opts))
     out = {"miou": _evaluate(evaluate, setup, dataset, suite, opts)}
     out["miou_trained"] = math.nan

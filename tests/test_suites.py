@@ -101,36 +101,47 @@ def test_contended_timings_are_marked_with_a_note():
 
 def test_contended_throughput_is_retimed(monkeypatch):
     """A CPU timing that competed with other processes is repeated; the least disturbed
-    one is kept and still flagged when no retry was clean."""
+    one is kept and still flagged when no retry was clean. Methods are timed interleaved
+    with the baseline, whose rate is kept beside theirs."""
     import torch
 
     import suites.runner as runner
     from algm.measure.throughput import ThroughputResult
     from suites.definition import Throughput
 
-    utilisations = iter([0.3, 0.5, 0.4])
+    utilisations = iter([(0.3, 0.9), (0.5, 0.6), (0.4, 0.9)])
     calls = []
 
-    def fake_measure(model, batch, warmup, repeats):
-        calls.append(1)
-        u = next(utilisations)
-        return ThroughputResult(10 * u, 10 * u, 0.0, 0.1, 0.1, 1, repeats, warmup, "cpu", "fp32",
-                                cpu_utilisation=u)
+    def fake_measure(models, batch, warmup, repeats):
+        calls.append(len(models))
+        return [ThroughputResult(10 * u, 10 * u, 0.0, 0.1, 0.1, 1, repeats, warmup, "cpu", "fp32",
+                                 cpu_utilisation=u) for u in next(utilisations)[:len(models)]]
 
-    monkeypatch.setattr(runner, "measure_throughput", fake_measure)
+    monkeypatch.setattr(runner, "measure_interleaved", fake_measure)
     monkeypatch.setattr("algm.commands.images.model_batch", lambda *a: (torch.zeros(1, 3, 4, 4), "x"))
 
     class FakeSetup:
-        model = torch.nn.Identity()
+        def __init__(self):
+            self.model = torch.nn.Identity()
 
     suite = dataclasses.replace(load_suite("camvid"), throughput=Throughput((1,), contended_retries=2))
-    row = runner._throughput(suite, FakeSetup(), 1, RunOptions())
-    assert len(calls) == 3 and row["cpu_util_b1"] == 0.5 and row["ims_b1"] == 5.0
-    assert row["contended_b1"] is True
-    utilisations = iter([0.95])
+    method, baseline = FakeSetup(), FakeSetup()
+    row = runner._throughput(suite, method, baseline, 1, RunOptions())
+    assert calls == [2, 2, 2] and row["cpu_util_b1"] == 0.5 and row["contended_b1"] is True
+    assert row["ims_b1"] == 5.0 and row["base_ims_b1"] == 6.0
+    utilisations = iter([(0.95,)])
     calls.clear()
-    row = runner._throughput(suite, FakeSetup(), 1, RunOptions())
-    assert len(calls) == 1 and row["contended_b1"] is False
+    row = runner._throughput(suite, baseline, baseline, 1, RunOptions())
+    assert calls == [1] and row["contended_b1"] is False and "base_ims_b1" not in row
+
+
+def test_speedup_uses_the_interleaved_baseline():
+    rows = [dict(r) for r in ROWS]
+    rows[1]["base_ims_b1"] = 8.0  # the baseline ran slower while this row was timed
+    df = to_frame(rows).set_index("setting")
+    assert df.loc["algm(tau=0.9)", "speedup_b1"] == pytest.approx(12 / 8)
+    assert df.loc["tome(r=8)", "speedup_b1"] == pytest.approx(11 / 10)
+    assert df.loc["none", "speedup_b1"] == pytest.approx(1.0)
 
 
 def test_random_weight_rows_are_seeded():

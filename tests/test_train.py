@@ -17,7 +17,7 @@ from algm.measure.miou import ConfusionMatrix
 from algm.model.segmenter import build_segmenter
 from algm.reduction import TokenReduction
 from algm.train import (
-    TrainConfig, batch_order, collate, decode, extract_features, load_head, train_head, trained_head_path,
+    TrainConfig, collate, decode, extract_features, load_head, train_head, trained_head_path,
 )
 
 N_CLS, IGNORE = 3, 3
@@ -247,38 +247,25 @@ def test_fully_ignored_window_is_skipped(tmp_path):
     assert meta["history"][0]["loss"] > 0
 
 
-def test_batch_order_groups_similar_lengths():
-    lengths = torch.randint(300, 700, (101,), generator=torch.Generator().manual_seed(0)).tolist()
+def test_collate_rounds_padded_lengths_up():
+    def item(t):
+        return {"x": torch.ones(t, 2), "size": torch.ones(t), "source": torch.zeros(6, dtype=torch.int32),
+                "keep": None, "grid": [2, 3], "aux": None, "label": torch.zeros(4, 6, dtype=torch.uint8)}
 
-    def order(group, seed=3, lens=lengths):
-        return batch_order(lens, 4, group, torch.Generator().manual_seed(seed))
-
-    def padding(batches):
-        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
-
-    grouped, plain = order(16), order(1)
-    for batches in (grouped, plain):
-        assert sorted(i for b in batches for i in b) == list(range(101))
-        assert [len(b) for b in batches] == [4] * 25 + [1]
-    shuffled = torch.randperm(101, generator=torch.Generator().manual_seed(3)).tolist()
-    assert [sorted(b) for b in plain] == [sorted(shuffled[i:i + 4]) for i in range(0, 101, 4)]
-    assert padding(grouped) < 0.25 * padding(plain)
-    assert order(16) == grouped and order(16, seed=4) != grouped
-    # equal lengths: grouping changes nothing, so unreduced heads train as before
-    assert order(16, lens=[769] * 101) == [shuffled[i:i + 4] for i in range(0, 101, 4)]
+    state, _ = collate([item(5), item(7)], multiple=4)
+    assert state.x.shape == (2, 8, 2) and state.keep.sum(1).tolist() == [5, 7]
+    assert state.x[0, 5:].abs().sum() == 0 and state.size[1, 7:].sum() == 0
+    state, _ = collate([item(7), item(7)], multiple=4)  # nothing to pad: no mask, no rounding
+    assert state.x.shape == (2, 7, 2) and state.keep is None
 
 
-def test_padding_recorded_and_grouping_is_part_of_the_key(tmp_path):
+def test_padding_is_recorded(tmp_path):
     data = FakeData(6)
     setup = tiny_setup(PairMerge(3))
-    grouped = TrainConfig(epochs=1, batch_size=2, warmup=0)
-    path = train_head(setup, config=grouped, dataset=data, cache=tmp_path, progress=False)
-    plain = dataclasses.replace(grouped, length_groups=1)
-    other = train_head(setup, config=plain, dataset=data, cache=tmp_path, progress=False)
-    assert other != path
-    assert load_head(setup, path)["history"][0]["padding"] < load_head(setup, other)["history"][0]["padding"]
-    with pytest.raises(ValueError, match="length_groups"):
-        TrainConfig(length_groups=0)
+    path = train_head(setup, config=TrainConfig(epochs=2, batch_size=3, warmup=0, precision="fp32"),
+                      dataset=data, cache=tmp_path, progress=False)
+    padding = [h["padding"] for h in load_head(setup, path)["history"]]
+    assert len(padding) == 2 and all(0 <= p < 0.5 for p in padding) and max(padding) > 0
 
 
 def test_precision_resolves_per_cpu_and_keys_the_head(tmp_path, monkeypatch):
@@ -320,9 +307,9 @@ def test_command_parses_and_rejects_random_backbones():
     cmd.register(parser.add_subparsers())
     args = parser.parse_args(["train-head", "--epochs", "2", "--lr", "1e-3", "--batch-size", "3",
                               "--lr-schedule", "poly", "--flip", "--decoder", "linear", "--restart",
-                              "--length-groups", "4"])
+                              "--precision", "fp32"])
     assert config_from_args(args) == TrainConfig(epochs=2, lr=1e-3, batch_size=3, schedule="poly", flip=True,
-                                                 length_groups=4)
+                                                 precision="fp32")
     assert args.restart and args.decoder == "linear" and args.split == "train"
     assert main(["--backbone", "vit-s16", "--no-eval"]) == 2
 

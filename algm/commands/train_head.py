@@ -47,10 +47,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="decoder forward in fp32 or under bf16 autocast (mixed precision, about "
                         "1.8x faster on CPUs with AMX); auto: bf16 where the CPU has bf16 "
                         f"instructions, else fp32 (default: {TrainConfig.precision})")
-    g.add_argument("--length-groups", type=int, default=TrainConfig.length_groups,
-                   help="batch windows of similar token counts within random groups of this many "
-                        "batches, so reduced windows need little padding; 1 = plain shuffling "
-                        f"(default: {TrainConfig.length_groups})")
     g.add_argument("--flip", action="store_true",
                    help="also train on horizontally flipped windows (encoded once, cached as a "
                         "second copy: doubles extraction and epoch time)")
@@ -74,7 +70,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                        batch_size=args.batch_size, schedule=args.lr_schedule, warmup=args.warmup,
                        seed=args.seed, flip=args.flip, scale_lr_mult=args.scale_lr_mult,
-                       length_groups=args.length_groups, precision=args.precision)
+                       precision=args.precision)
 
 
 def run(args: argparse.Namespace) -> int:

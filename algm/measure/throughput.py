@@ -22,6 +22,7 @@ import statistics
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -105,43 +106,71 @@ def measure_throughput(model: nn.Module, batch: Tensor, warmup: int = 5, repeats
 
     ``tf32``, ``cudnn_benchmark`` (CUDA only) and ``compile`` as in the module doc; with
     ``compile`` the warm-up (at least one forward) includes the compilation."""
+    return measure_interleaved([model], batch, warmup, repeats, precision, tf32=tf32,
+                               cudnn_benchmark=cudnn_benchmark, compile=compile)[0]
+
+
+def measure_interleaved(models: Sequence[nn.Module], batch: Tensor, warmup: int = 5, repeats: int = 10,
+                        precision: str = "fp32", *, tf32: bool = False, cudnn_benchmark: bool = False,
+                        compile: bool = False) -> list[ThroughputResult]:
+    """Time several models on the same batch, one result each, in the order given.
+
+    After every model's warm-up, each repeat times every model once in turn, so a change
+    in the machine's speed during the measurement (other tenants, clock frequency) slows
+    all of them alike and their ratio (a method's speed-up over the baseline) stays fair.
+    Options as in :func:`measure_throughput`.
+    """
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup}, {repeats}")
     if compile and warmup < 1:
         raise ValueError("compile needs a warm-up of at least one forward (it compiles there)")
     device = batch.device
     cuda = device.type == "cuda"
-    was_training = model.training
-    model.eval()
-    run = torch.compile(model) if compile else model
+    was_training = [m.training for m in models]
+    runs = []
+    for m in models:
+        m.eval()
+        runs.append(torch.compile(m) if compile else m)
+    latencies: list[list[float]] = [[] for _ in runs]
+    cpu_seconds = [0.0] * len(runs)
+    peaks = [0] * len(runs)
     try:
         with torch.no_grad(), cuda_settings(device, tf32, cudnn_benchmark), autocast_context(device, precision):
-            for _ in range(warmup):
-                run(batch)
-            if cuda:
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            cpu_start = time.process_time()
-            latencies = [_timed(run, batch, device) for _ in range(repeats)]
-            cpu_seconds = time.process_time() - cpu_start
+            for run in runs:
+                for _ in range(warmup):
+                    run(batch)
+            for _ in range(repeats):
+                for i, run in enumerate(runs):
+                    if cuda:
+                        torch.cuda.synchronize(device)
+                        torch.cuda.reset_peak_memory_stats(device)
+                    cpu_start = time.process_time()
+                    latencies[i].append(_timed(run, batch, device))
+                    cpu_seconds[i] += time.process_time() - cpu_start
+                    if cuda:
+                        peaks[i] = max(peaks[i], torch.cuda.max_memory_allocated(device))
     finally:
-        model.train(was_training)
+        for m, training in zip(models, was_training):
+            m.train(training)
     b = batch.shape[0]
-    rates = [b / t for t in latencies]
-    return ThroughputResult(
-        images_per_s=b / statistics.fmean(latencies),
-        median_images_per_s=statistics.median(rates),
-        std_images_per_s=statistics.stdev(rates) if len(rates) > 1 else 0.0,
-        min_latency_s=min(latencies),
-        max_latency_s=max(latencies),
-        batch_size=b,
-        repeats=repeats,
-        warmup=warmup,
-        device=str(device),
-        precision=precision,
-        tf32=tf32,
-        cudnn_benchmark=cudnn_benchmark,
-        compile=compile,
-        peak_memory_mib=torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
-        cpu_utilisation=None if cuda else cpu_seconds / (sum(latencies) * torch.get_num_threads()),
-    )
+    results = []
+    for times, cpu, peak in zip(latencies, cpu_seconds, peaks):
+        rates = [b / t for t in times]
+        results.append(ThroughputResult(
+            images_per_s=b / statistics.fmean(times),
+            median_images_per_s=statistics.median(rates),
+            std_images_per_s=statistics.stdev(rates) if len(rates) > 1 else 0.0,
+            min_latency_s=min(times),
+            max_latency_s=max(times),
+            batch_size=b,
+            repeats=repeats,
+            warmup=warmup,
+            device=str(device),
+            precision=precision,
+            tf32=tf32,
+            cudnn_benchmark=cudnn_benchmark,
+            compile=compile,
+            peak_memory_mib=peak / 2**20 if cuda else None,
+            cpu_utilisation=None if cuda else cpu / (sum(times) * torch.get_num_threads()),
+        ))
+    return results
