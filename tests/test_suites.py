@@ -142,6 +142,16 @@ def test_speedup_uses_the_interleaved_baseline():
     assert df.loc["algm(tau=0.9)", "speedup_b1"] == pytest.approx(12 / 8)
     assert df.loc["tome(r=8)", "speedup_b1"] == pytest.approx(11 / 10)
     assert df.loc["none", "speedup_b1"] == pytest.approx(1.0)
+    # the plotted rate puts every row at the baseline row's pace
+    assert df.loc["algm(tau=0.9)", "paced_ims_b1"] == pytest.approx(15.0)
+    assert df.loc["none", "paced_ims_b1"] == pytest.approx(10.0)
+
+
+def test_table_notes_say_how_speedups_were_timed(tmp_path):
+    write_reports(ROWS, tmp_path, {}, "test")
+    assert "interleaved" not in (tmp_path / "table.md").read_text()
+    write_reports([dict(r, base_ims_b1=9.0) for r in ROWS], tmp_path, {}, "test")
+    assert "timed interleaved with it" in (tmp_path / "table.md").read_text()
 
 
 def test_random_weight_rows_are_seeded():
