@@ -143,6 +143,7 @@ def measure_row(suite: Suite, backbone: str, setting: Setting, opts: RunOptions)
         ensure_trained_parts(suite, backbone, setting, opts)
     setup = _setup(suite, backbone, setting, pretrained)
     distributed.broadcast_module(setup.model)  # random weights differ per process: use rank 0's
+    setup.model.eval()
     row = {
         "dataset": suite.dataset, "backbone": backbone, "method": setting.method,
         "setting": setting.label(), "options": setting.options,
