@@ -549,7 +549,6 @@ def train_head(setup: Setup, split: str = "train", epochs: int | None = None, *,
     decoder.train()
     optimizer = torch.optim.AdamW(param_groups(decoder, config.weight_decay, config.scale_lr_mult), lr=lr)
     steps_per_epoch = math.ceil(len(items) / config.batch_size)
-    lengths = [it["x"].shape[0] for it in items]
     total = steps_per_epoch * config.epochs
     history: list[dict] = []
     first = 0
@@ -569,14 +568,15 @@ def train_head(setup: Setup, split: str = "train", epochs: int | None = None, *,
             config.seed * 1_000_003 + epoch)).tolist()
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
                    disable=not progress)
-        loss_sum, pixels, padded = 0.0, 0, 0
+        loss_sum, pixels, padded, tokens = 0.0, 0, 0, 0
         for s in bar:
             step = epoch * steps_per_epoch + s
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, lr, config) * group["lr_mult"]
             batch = order[s * config.batch_size:(s + 1) * config.batch_size]
             state, labels = collate([items[j] for j in batch], multiple=pad_multiple)
-            padded += state.x.shape[0] * state.x.shape[1] - sum(lengths[j] for j in batch)
+            tokens += state.x.shape[0] * state.x.shape[1]
+            padded += 0 if state.keep is None else int((~state.keep).sum())
             valid = int((labels != ignore).sum())
             if not valid:  # nothing labelled: the mean loss would be NaN
                 continue
@@ -590,7 +590,7 @@ def train_head(setup: Setup, split: str = "train", epochs: int | None = None, *,
             pixels += valid
             bar.set_postfix(loss=f"{loss.item():.3f}")
         history.append({"epoch": epoch + 1, "loss": loss_sum / max(pixels, 1),
-                        "padding": padded / (padded + sum(lengths)),
+                        "padding": padded / tokens,
                         "seconds": time.perf_counter() - start,
                         "cpu_seconds": time.process_time() - cpu})
         _atomic_save({"format": CHECKPOINT_FORMAT, "key": folder.name, "epoch": epoch + 1,
