@@ -5,21 +5,31 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DATASET ?= camvid
+# official checkpoints as CHECKPOINTS/<dataset>/<backbone>/<method>/checkpoint.pth (README)
+CHECKPOINTS ?=
 BENCH_ARGS ?=
 MAX_SLOWDOWN ?= 25%
 BENCHMARKS := results/benchmarks
+# make gpu-check: the device, the budget (full: one GPU, < 8 min; tiny: CPU, seconds) and
+# the output folder (default results/gpu-<gpu name>); CamVid from DATA_ROOT if set.
+DEVICE ?= cuda
+BUDGET ?= full
+GPU_CHECK_OUT ?=
 STAMP := $(VENV)/.installed
 # pip prints one harmless warning per package for this machine's empty local indexes.
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install test bench bench-regress clean help
+.PHONY: install test bench bench-regress gpu-check clean help
 
 help:
 	@echo "make install        create $(VENV) and install everything (idempotent)"
-	@echo "make bench          run the benchmark suite (DATASET=camvid|ade20k|cityscapes|pascal|cocostuff)"
+	@echo "make bench          run the benchmark suite (DATASET=camvid|ade20k|cityscapes|pascal|cocostuff,"
+	@echo "                    DATA_ROOT=dir, CHECKPOINTS=dir of official checkpoints)"
 	@echo "make test           run the test suite"
 	@echo "make bench-regress  pytest-benchmark run of tests/bench, compared with the last saved"
 	@echo "                    run in $(BENCHMARKS); fails on a median slowdown > MAX_SLOWDOWN"
+	@echo "make gpu-check      CUDA tests + GPU throughput/GFLOPs into results/gpu-<gpu> (< 8 min;"
+	@echo "                    DEVICE=cuda|cpu BUDGET=full|tiny GPU_CHECK_OUT=dir; no GPU: says so, exit 0)"
 	@echo "make clean          remove build artefacts and caches of this checkout"
 
 install: $(STAMP)
@@ -36,7 +46,11 @@ test: install
 	$(BIN)/pytest -q
 
 bench: install
-	$(BIN)/algm-bench bench --dataset $(DATASET) $(BENCH_ARGS)
+	$(BIN)/algm-bench bench --dataset $(DATASET) $(if $(CHECKPOINTS),--checkpoints $(CHECKPOINTS)) $(BENCH_ARGS)
+
+gpu-check: install
+	$(BIN)/python -m suites.gpu_check --device $(DEVICE) --budget $(BUDGET) \
+		$(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT)) $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
 
 # The first run only saves a baseline; later runs compare with the newest saved run.
 bench-regress: install

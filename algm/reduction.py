@@ -27,7 +27,8 @@ Token bookkeeping (shapes; B batch, T tokens incl. cls, N = h*w original patches
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -105,18 +106,77 @@ def padding_bias(keep: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return bias[:, None, None, :]
 
 
+@dataclass(frozen=True)
+class TrainingTask:
+    """A part a method needs trained before it can be built (pruning's exit heads, a
+    learned CTS policy). ``run(context)`` trains it and writes ``path``, the file the
+    method's ``from_config`` then reads; ``name`` says what it is, for progress lines."""
+
+    name: str
+    path: Path
+    run: Callable[["TrainingContext"], Any]
+
+
+@dataclass(frozen=True)
+class TrainingContext:
+    """What a :class:`TrainingTask` may take from its caller: the data root, the model
+    window (None: the dataset's) and whether to show progress."""
+
+    data_root: str | None = None
+    window: tuple[int, int] | None = None
+    progress: bool = True
+
+
 class TokenReduction(nn.Module):
     """Base class: every hook is the identity, restore gathers through ``source``.
 
-    Subclasses override only the hooks they need. ``name`` is the method's registry
-    name; ``settings()`` returns the knobs that define a result row (used as cache keys
-    and table columns).
+    A method is one subclass in one file, registered where it is defined with
+    :func:`algm.methods.register_method`. It declares:
+
+    * ``name``, its registry name, and ``Config``, a frozen dataclass of its knobs
+      (fields made with :func:`algm.methods.option`, which builds the CLI and suites);
+    * ``from_config(config, backbone, dataset)``, which resolves per-backbone / dataset
+      defaults and builds the method;
+    * ``required_training(config, backbone, dataset)``, the parts still to be trained
+      before ``from_config`` can succeed (the suites run them; nothing else names a
+      method);
+    * ``settings()``, the knobs that define a result row (cache keys, table columns),
+      and ``label_keys``, the settings that a picture's label shows (None: all).
+
+    Subclasses override only the hooks they need.
     """
 
     name = "none"
+    label_keys: tuple[str, ...] | None = None
+
+    @dataclass(frozen=True)
+    class Config:
+        pass
+
+    @classmethod
+    def from_config(cls, config, backbone, dataset) -> "TokenReduction":
+        """Build from a ``Config`` for a :class:`~algm.config.ViTConfig` backbone and a
+        :class:`~algm.config.DatasetSpec` dataset; by default ``cls(**config fields)``."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(config)})
+
+    @classmethod
+    def required_training(cls, config, backbone, dataset) -> list[TrainingTask]:
+        """Parts of this method that must be trained (and are not yet) for this config."""
+        return []
 
     def settings(self) -> dict:
         return {}
+
+    def label_settings(self) -> dict:
+        """The settings a label shows: those in ``label_keys`` (None: all), unset ones left out."""
+        settings = self.settings()
+        keys = self.label_keys if self.label_keys is not None else tuple(settings)
+        return {k: settings[k] for k in keys if settings.get(k) is not None}
+
+    def label(self) -> str:
+        """``algm (tau=0.985, layers=1,5)``: the name with its :meth:`label_settings`."""
+        parts = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.label_settings().items()]
+        return f"{self.name} ({', '.join(parts)})" if parts else self.name
 
     def begin(self, patches: Tensor, ctx: EncoderContext) -> TokenState:
         """patches: (B, N, D) embedded patches with pos-embed. Returns patch-only state."""
@@ -136,6 +196,11 @@ class TokenReduction(nn.Module):
     def restore(self, token_out: Tensor, state: TokenState) -> Tensor:
         """token_out: (B, T-1, C) per patch token -> (B, N, C) per original patch."""
         return gather_tokens(token_out, state.source)
+
+    def token_map(self, state: TokenState) -> Tensor:
+        """(B, N) long: the token holding every original patch of a final state, -1 where
+        no token holds it any more (pruned); pictures draw it."""
+        return state.source
 
 
 class NoReduction(TokenReduction):

@@ -24,9 +24,10 @@ Policies (``policy``):
   i.e. the flattest regions, which most often hold one class. On CamVid val (vit-s14
   grid, K = 77 of 192) 75.9 % of its picks are single-class superpatches; the trained
   ``tiny`` policy reaches 93.2 % (``train-policy`` prints both).
-* ``learned``: :class:`baselines.policy.PolicyNet` trained on ground-truth "one class"
-  targets, loaded from ``algm.cache.cache_dir("cts")`` (train it with
-  ``algm-bench train-policy``); its FLOPs count as part of the model.
+* ``learned``: :class:`baselines.cts_policy.PolicyNet` trained on ground-truth "one class"
+  targets (:mod:`baselines.cts_train`), loaded from ``algm.cache.cache_dir("cts")``;
+  :meth:`CTS.required_training` trains it when missing, or ``algm-bench train-policy``
+  does. Its FLOPs count as part of the model.
 * ``oracle``: ground truth from ``labels`` (``Segmenter.run(images, labels)``): share of
   the majority class among non-ignore pixels, so single-class superpatches come first
   (an upper bound; needs labels at the input resolution).
@@ -46,10 +47,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from algm.config import DatasetSpec, ViTConfig
-from algm.methods import option
-from algm.reduction import EncoderContext, TokenReduction, TokenState
-from baselines.policy import (ARCHS, DEFAULT_ARCH, POLICY_MEAN, POLICY_STD, load_policy,
-                              majority_fraction, policy_path, variance_scores)
+from algm.data.windows import normalise
+from algm.methods import option, register_method
+from algm.reduction import EncoderContext, TokenReduction, TokenState, TrainingContext, TrainingTask
+from baselines.cts_policy import (ARCHS, DEFAULT_ARCH, POLICY_MEAN, POLICY_STD, load_policy,
+                                  majority_fraction, policy_path, variance_scores)
 
 POLICIES = ("variance", "learned", "oracle")
 DEFAULT_POLICY = "variance"
@@ -63,10 +65,12 @@ def default_k_ratio(dataset: str) -> float:
     return k / s
 
 
+@register_method
 class CTS(TokenReduction):
     """Content-aware token sharing (see the module docstring)."""
 
     name = "cts"
+    label_keys = ("policy", "k")
 
     @dataclass(frozen=True)
     class Config:
@@ -125,6 +129,26 @@ class CTS(TokenReduction):
                    ignore_index=dataset.ignore_index, mean=backbone.mean, std=backbone.std,
                    policy_net=net, policy_name=name)
 
+    @classmethod
+    def required_training(cls, config: "CTS.Config", backbone: ViTConfig,
+                          dataset: DatasetSpec) -> list[TrainingTask]:
+        """The learned policy for this dataset / patch size / arch, unless it is on disk
+        or ``policy_checkpoint`` names another file; nothing for the other policies."""
+        if config.policy != "learned" or config.policy_checkpoint:
+            return []
+        path = policy_path(dataset.name, backbone.patch_size, config.policy_arch)
+        if path.is_file():
+            return []
+
+        def run(ctx: TrainingContext) -> dict:
+            from baselines.cts_train import train_policy  # training code only when training
+
+            # As before, the dataset's window (not ctx.window): one file per dataset and patch size.
+            return train_policy(dataset.name, backbone.name, arch=config.policy_arch,
+                                root=ctx.data_root, out=path, progress=ctx.progress)
+
+        return [TrainingTask(f"CTS {config.policy_arch} policy ({dataset.name}, {backbone.name})", path, run)]
+
     def settings(self) -> dict:
         out = {"policy": self.policy, "k": self.k, "k_ratio": self.k_ratio}
         if self.policy == "learned":
@@ -160,9 +184,8 @@ class CTS(TokenReduction):
             n_cls = self.n_cls if self.n_cls is not None else int(labels[labels != self.ignore_index].max()) + 1
             return majority_fraction(labels, cell, n_cls, self.ignore_index)
         # learned: the net sees 0..1 RGB normalised its own way, whatever the backbone's.
-        x = (ctx.images * self.img_std + self.img_mean - torch.tensor(POLICY_MEAN, device=ctx.images.device)
-             .view(1, 3, 1, 1)) / torch.tensor(POLICY_STD, device=ctx.images.device).view(1, 3, 1, 1)
-        return self.policy_net(x, (h2, w2))
+        rgb = ctx.images * self.img_std + self.img_mean
+        return self.policy_net(normalise(rgb, POLICY_MEAN, POLICY_STD), (h2, w2))
 
     def select(self, scores: Tensor, k: int) -> Tensor:
         """(B, S) scores -> (B, k) chosen superpatch indices, ascending (raster order)."""

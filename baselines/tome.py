@@ -11,12 +11,18 @@ blocks add ``log(size)`` of each key to the attention logits.
 Output order of one merge step, as in ToMe's code: ``[cls, unmerged a-tokens (original
 order), b-tokens (original order, merged ones updated in place)]``.
 
-Segmentation needs the map back to the patch grid: each step yields a (B, T) remap
-(old token -> new token), and ``source`` is composed as
-``new_source = remap_patch.gather(1, old_source)``, so restoring the decoder's per-token
+The matching and the merge are ALGM's global-stage pieces (:mod:`algm.merging.bipartite`,
+:mod:`algm.merging.index_map`): scores on the mean keys, a plan with exactly ``r`` merges
+per image, the size-weighted merge by index (whose summed sizes feed proportional
+attention).
+
+Segmentation needs the map back to the patch grid: each step yields a (B, T) token map
+``dest`` (old token -> new token), and ``source`` is composed as
+``new_source = dest_patch.gather(1, old_source)``, so restoring the decoder's per-token
 outputs is one gather (:func:`algm.reduction.gather_tokens`) and nothing T x N is built.
 Everything is vectorised over the batch: every image merges the same ``r`` tokens (ToMe's
-fixed-r design), so token counts stay equal within a batch and no padding is needed.
+fixed-r design), so token counts stay equal within a batch, no padding is needed and a
+step reads nothing back to the host.
 
 Schedules (resolved per input grid, since the token count N depends on it):
 
@@ -36,11 +42,12 @@ import argparse
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
 from torch import Tensor
 
 from algm.config import DatasetSpec, ViTConfig
-from algm.methods import option
+from algm.merging.bipartite import bipartite_plan, bipartite_scores
+from algm.merging.index_map import apply_token_map
+from algm.methods import option, register_method
 from algm.reduction import TokenReduction, TokenState, padding_bias
 
 DEFAULT_R = 16
@@ -105,75 +112,39 @@ def _parse_layers(text: str | Sequence[int] | None, depth: int) -> tuple[int, in
 
 @dataclass(frozen=True)
 class Matching:
-    """One bipartite soft matching on T tokens (cls at 0), batched.
+    """One ToMe step on T tokens (cls at 0), batched: every image merges r tokens.
 
-    unm_idx: (B, Ta - r) a-indices that stay, ascending (cls first);
-    src_idx: (B, r) a-indices that merge; dst_idx: (B, r) their b partners;
-    remap: (B, T) new position (among T - r tokens, cls at 0) of every old token.
+    dest: (B, T) long, new position (among T - r tokens, cls at 0) of every old token;
+    r: merges per image.
     """
 
-    unm_idx: Tensor
-    src_idx: Tensor
-    dst_idx: Tensor
-    remap: Tensor
-
-    @property
-    def r(self) -> int:
-        return self.src_idx.shape[1]
+    dest: Tensor
+    r: int
 
 
 def bipartite_soft_matching(metric: Tensor, r: int) -> Matching | None:
     """ToMe's matching on ``metric`` (B, T, C) with cls protected; None when r <= 0.
 
-    ``r`` is capped at ``(T - 1) // 2``. Ties in the edge ranking follow ``argsort``.
+    ``r`` is capped at ``(T - 1) // 2``, the a-tokens other than cls. The shared
+    :func:`bipartite_scores` and :func:`bipartite_plan` (int r: a top-k of the r best
+    edges, no sort, no host sync) do the work; ties at the r-th best edge go to the
+    lower a-index, where ToMe's unstable argsort leaves the order undefined.
     """
-    b, t = int(metric.shape[0]), int(metric.shape[1])
+    t = int(metric.shape[1])
     r = min(int(r), (t - 1) // 2)
     if r <= 0:
         return None
-    with torch.no_grad():
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        a, bb = metric[:, 0::2], metric[:, 1::2]
-        scores = a @ bb.transpose(1, 2)
-        scores[:, 0, :] = float("-inf")  # cls never merges
-        node_max, node_idx = scores.max(dim=-1)
-        edge_idx = node_max.argsort(dim=-1, descending=True)
-        unm_idx = edge_idx[:, r:].sort(dim=1).values
-        src_idx = edge_idx[:, :r]
-        dst_idx = node_idx.gather(1, src_idx)
-        ta, tb = a.shape[1], bb.shape[1]
-        n_unm = ta - r
-        remap_a = torch.empty(b, ta, dtype=torch.long, device=metric.device)
-        remap_a.scatter_(1, unm_idx, torch.arange(n_unm, device=metric.device).expand(b, n_unm))
-        remap_a.scatter_(1, src_idx, dst_idx + n_unm)
-        remap = torch.empty(b, t, dtype=torch.long, device=metric.device)
-        remap[:, 0::2] = remap_a
-        remap[:, 1::2] = torch.arange(n_unm, n_unm + tb, device=metric.device).expand(b, tb)
-    return Matching(unm_idx, src_idx, dst_idx, remap)
-
-
-def _merge_sum(x: Tensor, m: Matching) -> Tensor:
-    """Sum-merge (B, T, C) along tokens: [unmerged a, b + scattered a]."""
-    src, dst = x[:, 0::2], x[:, 1::2]
-    c = x.shape[-1]
-    unm = src.gather(1, m.unm_idx.unsqueeze(-1).expand(-1, -1, c))
-    moved = src.gather(1, m.src_idx.unsqueeze(-1).expand(-1, -1, c))
-    dst = dst.scatter_reduce(1, m.dst_idx.unsqueeze(-1).expand(-1, -1, c), moved, reduce="sum")
-    return torch.cat([unm, dst], dim=1)
+    node_max, node_idx = bipartite_scores(metric)
+    dest, _ = bipartite_plan(node_max, node_idx, r, None, t)
+    return Matching(dest, r)
 
 
 def merge_state(state: TokenState, m: Matching) -> TokenState:
     """Apply a matching: size-weighted merge of x, sizes add, source composed."""
-    size = state.size.unsqueeze(-1)
-    x = _merge_sum(state.x * size, m)
-    new_size = _merge_sum(size, m)
-    x = x / new_size
-    # remap counts the full sequence (cls at 0); source counts patch tokens only.
-    remap_patch = m.remap[:, 1:] - 1
-    source = remap_patch.gather(1, state.source)
-    return state.replace(x=x, size=new_size.squeeze(-1), source=source)
+    return apply_token_map(state, m.dest, state.num_tokens - m.r)
 
 
+@register_method
 class ToMe(TokenReduction):
     """Token merging in every selected block (see the module docstring)."""
 

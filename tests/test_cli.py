@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from algm.cli import build_parser, main
 
@@ -50,6 +51,32 @@ def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys, monkeypat
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--limit", "0"], "argument --limit: must be >= 1, got 0"),
+    (["flops", "--limit", "-3"], "argument --limit: must be >= 1, got -3"),
+    (["bench", "--nproc", "0"], "argument --nproc: must be >= 1, got 0"),
+    (["eval", "--device", "gpu7"], "argument --device: not a torch device: 'gpu7'"),
+    pytest.param(["throughput", "--device", "cuda"], "argument --device: cuda: CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+])
+def test_bad_arguments_get_one_line_and_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    import algm.commands.flops as flops
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flops, "run", interrupted)
+    assert main(["flops"]) == 130
+    assert capsys.readouterr().err == "algm-bench flops: interrupted\n"
 
 
 def test_unknown_backbone_is_rejected_by_the_parser(capsys):

@@ -4,14 +4,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from algm.commands.train_policy import register as register_train_policy
 from algm.config import DecoderConfig, ViTConfig, get_dataset
-from algm.data.datasets import DEFAULT_CAMVID_ROOT
-from algm.methods import build_method
+from algm.data.datasets import DEFAULT_CAMVID_ROOT, Sample
+from algm.data.windows import tiles
+from algm.methods import build_method, required_training
 from algm.model.segmenter import build_segmenter
-from algm.reduction import TokenState
+from algm.reduction import TokenState, TrainingContext
 from baselines.cts import CTS, default_k_ratio
-from baselines.policy import (PolicyNet, add_train_policy_parser, majority_fraction, policy_path,
-                              superpatch_targets, train_policy)
+from baselines.cts_policy import PolicyNet, majority_fraction, policy_path, variance_scores
+from baselines.cts_train import prepare_windows, superpatch_targets, train_policy
 
 CAMVID = get_dataset("camvid")
 P = 16
@@ -294,7 +296,66 @@ def test_missing_learned_checkpoint_says_how_to_train(cache):
         cts(policy="learned")
 
 
+def test_label_shows_policy_and_k():
+    assert cts(k=3, policy="oracle").label() == "cts (policy=oracle, k=3)"
+    assert cts().label() == "cts (policy=variance)"
+
+
 # ------------------------------------------------------------------ training
+
+
+def test_required_training_only_for_a_missing_learned_policy(cache, monkeypatch):
+    import baselines.cts_train
+
+    path = policy_path("camvid", P, "tiny")
+    tasks = CTS.required_training(CTS.Config(policy="learned"), cfg(), CAMVID)
+    assert [t.path for t in tasks] == [path]
+    assert required_training("cts", cfg(), CAMVID, policy="learned")[0].path == path
+
+    calls = []
+    monkeypatch.setattr(baselines.cts_train, "train_policy", lambda *a, **kw: calls.append((a, kw)))
+    tasks[0].run(TrainingContext(data_root="/data", progress=False))
+    assert calls == [(("camvid", "tiny"), {"arch": "tiny", "root": "/data", "out": path, "progress": False})]
+
+    assert required_training("cts", cfg(), CAMVID) == []  # variance
+    assert required_training("cts", cfg(), CAMVID, policy="oracle") == []
+    assert required_training("cts", cfg(), CAMVID, policy="learned", policy_checkpoint="mine.pt") == []
+    assert required_training("cts", cfg(), CAMVID, policy="learned", policy_arch="lite0") != []
+    torch.save({"arch": "tiny", "state_dict": PolicyNet("tiny").state_dict(), "meta": {}}, path)
+    assert required_training("cts", cfg(), CAMVID, policy="learned") == []
+
+
+def test_training_items_are_the_tiles_of_each_image():
+    """A 640 x 480 frame with a 512 window: test scale 683 x 512, two tiles, each an item."""
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, 480, 640), dtype=torch.uint8, generator=gen)
+    label = torch.randint(0, 3, (480, 640), generator=gen)
+    label[:50, :100] = 1  # uniform top-left corner: within the first tile only
+    mean, std, cell = (0.4, 0.45, 0.5), (0.2, 0.25, 0.3), 32
+    data = prepare_windows([Sample(image, label, "frame")], (512, 512), cell, (128, 128), mean, std,
+                           ignore_index=11)
+    windows = list(tiles(image, (512, 512), mean, std, label, ignore_index=11))
+    assert len(windows) == len(data) == 2
+    assert data.images.shape == (2, 3, 128, 128) and data.images.dtype == torch.uint8
+    for i, (x, y) in enumerate(windows):
+        target, valid = superpatch_targets(y, cell, 11)
+        assert torch.equal(data.targets[i], target[0]) and torch.equal(data.valids[i], valid[0])
+        assert torch.equal(data.variances[i], variance_scores(x, cell)[0])
+        rgb = (x * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)) * 255
+        small = F.interpolate(rgb, size=(128, 128), mode="bilinear", align_corners=False, antialias=True)
+        assert (data.images[i].float() - small[0]).abs().max() <= 0.5 + 1e-3
+    assert data.targets[0, 0, 0] == 1 and data.targets[1, 0, 0] == 0  # the uniform corner is in tile 0
+
+
+def test_a_small_image_is_padded_not_refused():
+    """Smaller than the window at test scale: padded with ignore labels, one item."""
+    image = torch.full((3, 100, 300), 128, dtype=torch.uint8)
+    label = torch.zeros(100, 300, dtype=torch.long)
+    data = prepare_windows([Sample(image, label, "wide")], (128, 512), 32, (64, 256), (0.5,) * 3, (0.5,) * 3,
+                           ignore_index=11)
+    assert len(data) == 1
+    assert data.targets.shape == (1, 4, 16)  # 128 x 384 at test scale, padded to 128 x 512
+    assert bool(data.targets[0, :, 12:].eq(1).all())  # all-ignore padding: one "class"
 
 
 def test_train_policy_parser():
@@ -302,7 +363,7 @@ def test_train_policy_parser():
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
-    add_train_policy_parser(sub)
+    register_train_policy(sub)
     args = parser.parse_args(["train-policy", "--epochs", "2", "--arch", "lite0"])
     assert args.epochs == 2 and args.arch == "lite0" and args.dataset == "camvid"
     assert callable(args.func)
@@ -310,7 +371,7 @@ def test_train_policy_parser():
 
 @pytest.mark.skipif(not (DEFAULT_CAMVID_ROOT / "train.txt").is_file(), reason="CamVid not available")
 def test_train_policy_deterministic_and_resumes_after_interruption(cache, monkeypatch):
-    import baselines.policy as policy
+    import baselines.cts_train as policy
 
     kw = dict(limit=2, batch_size=1, progress=False)
     first = train_policy("camvid", "vit-s14", 2, **kw)

@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from algm.data import datasets as ds
-from algm.data.datasets import DEFAULT_CAMVID_ROOT, Sample, build_dataset
+from algm.data.datasets import DEFAULT_CAMVID_ROOT, Sample, build_dataset, check_files
 
 H, W = 6, 8
 
@@ -196,6 +196,67 @@ def test_rgb_label_and_size_mismatch_are_errors(tmp_path):
         data[1]
 
 
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+def _listing(root: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("which, damage", [
+    ("image", _truncate),  # JPEG: verify() alone would pass it
+    ("label", _truncate),
+    ("label", lambda p: _truncate(p, keep=0.97)),  # only the end of the PNG is missing
+    ("image", lambda p: p.write_text("not an image")),
+])
+def test_unreadable_file_is_named_up_front_and_on_load(tmp_path, which, damage):
+    """check_files fails on the first bad file, naming it; loading it does the same
+    instead of PIL's "OSError: image file is truncated"."""
+    root = tmp_path / "camvid"
+    make_camvid(root, {"val": ["a", "b", "c"]})
+    for n in "abc":  # big enough that half a file is a broken one, not a tiny valid one
+        write_image(root / "val" / f"{n}.jpg", size=(48, 64))
+        write_label(root / "valannot" / f"{n}.png", range(11), size=(48, 64))
+    bad = root / ("val" if which == "image" else "valannot") / ("b.jpg" if which == "image" else "b.png")
+    damage(bad)
+    data = build_dataset("camvid", "val", root=root)
+    before = _listing(tmp_path)
+    with pytest.raises(ValueError, match=f"^{bad}: cannot read this image") as err:
+        check_files(data)
+    assert "\n" not in str(err.value)
+    data[0]  # the good frame still loads
+    if which == "image" or damage is _truncate:  # PIL decodes a PNG whose end is cut off
+        with pytest.raises(ValueError, match=f"^{bad}: cannot read this image"):
+            data[1]
+    assert _listing(tmp_path) == before  # nothing written
+
+
+def test_check_files_checks_label_headers(tmp_path):
+    root = make_camvid(tmp_path, {"val": ["a", "b"]})
+    check_files(build_dataset("camvid", "val", root=root))  # a sound split passes
+    write_label(root / "valannot" / "b.png", (1,), size=(H + 1, W))
+    with pytest.raises(ValueError, match=r"b.png: label is \(7, 8\) \(H, W\) but its image .*b.jpg is \(6, 8\)"):
+        check_files(build_dataset("camvid", "val", root=root))
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(root / "valannot" / "a.png")
+    with pytest.raises(ValueError, match="a.png: a label must be a single-channel image.*mode RGB"):
+        check_files(build_dataset("camvid", "val", root=root))
+
+
+def test_check_files_verifies_png_images(tmp_path):
+    root = make_cityscapes(tmp_path)
+    data = build_dataset("cityscapes", "train", root=root)
+    check_files(data)
+    image = data.files[1][0]
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (H, W, 3), np.uint8)).save(image)
+    raw = bytearray(image.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte: the chunk checksum no longer matches
+    image.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=f"^{image}: cannot read this image"):
+        check_files(data)
+
+
 @pytest.mark.parametrize("name", ["camvid", "ade20k", "cityscapes", "pascal", "cocostuff"])
 def test_missing_root_shows_layout(tmp_path, name):
     with pytest.raises(FileNotFoundError, match="expected layout") as info:
@@ -230,6 +291,8 @@ def test_bad_arguments(tmp_path):
         build_dataset("voc", "val", root=tmp_path)
     with pytest.raises(ValueError, match="no split 'test'"):
         build_dataset("ade20k", "test", root=tmp_path)
+    with pytest.raises(ValueError, match="no split 'validation'; choose one of: train, val$"):
+        build_dataset("ade20k", "validation", root=make_ade(tmp_path))  # the folder's name
     with pytest.raises(ValueError, match="unknown option"):
         build_dataset("ade20k", "val", root=tmp_path, n_cls=59)
 
@@ -270,3 +333,4 @@ def test_real_camvid_frames():
         assert sample.image.shape == (3, 360, 480) and sample.image.dtype == torch.uint8
         assert sample.label.shape == (360, 480)
         assert 0 <= sample.label.min() and sample.label.max() <= 11
+    check_files(build_dataset("camvid", "val"))  # every real frame opens

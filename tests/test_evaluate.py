@@ -12,8 +12,8 @@ from torch import nn
 
 from algm.config import get_backbone
 from algm.data.datasets import build_dataset
-from algm.data.transforms import preprocess, scaled_size
-from algm.evaluate import default_stride, evaluate, slide_inference, window_starts
+from algm.data.windows import default_stride, scaled_size, to_test_scale, window_starts
+from algm.evaluate import evaluate, slide_inference
 
 N_CLS = 4
 CFG = get_backbone("vit-s14")  # ImageNet mean/std
@@ -101,17 +101,17 @@ def test_slide_inference_errors():
         slide_inference(Constant(), torch.zeros(2, 3, 8, 8), (4, 4), (4, 4), N_CLS)
 
 
-def test_preprocess_resizes_short_side_and_normalises():
+def test_test_scale_resizes_short_side_and_normalises():
     assert scaled_size((360, 480), 336) == (336, 448)
     assert scaled_size((480, 360), 336) == (448, 336)
     assert scaled_size((512, 683), 512) == (512, 683)
     image = torch.full((3, 360, 480), 128, dtype=torch.uint8)
-    x = preprocess(image, 336, CFG.mean, CFG.std)
+    x = to_test_scale(image, (336, 448), CFG.mean, CFG.std)
     assert x.shape == (1, 3, 336, 448) and x.dtype == torch.float32
     expected = (128 / 255 - torch.tensor(CFG.mean)) / torch.tensor(CFG.std)
     torch.testing.assert_close(x[0, :, 100, 200], expected)
     raw = torch.randint(0, 256, (3, 24, 32), dtype=torch.uint8)
-    torch.testing.assert_close(preprocess(raw, 24, (0.0,) * 3, (1.0,) * 3)[0], raw.float() / 255)
+    torch.testing.assert_close(to_test_scale(raw, (24, 32), (0.0,) * 3, (1.0,) * 3)[0], raw.float() / 255)
 
 
 class Oracle(nn.Module):
@@ -182,3 +182,24 @@ def test_evaluate_counts_and_limit(camvid):
     assert res.n_images == 2 and res.confusion.sum() == 30 * 40 + 40 * 30 - 2 * 12
     with pytest.raises(ValueError, match="backbone_cfg"):
         evaluate(Constant(), camvid, (24, 32), progress=False)
+
+
+def test_channels_last_model_outputs_average_alike():
+    """The Segmenter's logits are channels-last: the accumulation gives the same values."""
+    model = PositionDependent()
+    image = torch.randn(1, 3, 13, 17, generator=torch.Generator().manual_seed(0))
+    channels_last = lambda x: model(x).contiguous(memory_format=torch.channels_last)  # noqa: E731
+    for window, stride in [((8, 10), (3, 4)), ((13, 17), (5, 5))]:
+        out = slide_inference(channels_last, image, window, stride, N_CLS)
+        assert torch.equal(out, slide_inference(model, image, window, stride, N_CLS))
+
+
+def test_non_finite_logits_are_an_error_naming_the_image(camvid):
+    class NaNOnClass3(Oracle):
+        def forward(self, x):
+            logits = super().forward(x)
+            red = (x[:, 0] * CFG.std[0] + CFG.mean[0]) * 255
+            return logits.masked_fill(((red - 70).abs() < 5)[:, None], float("nan"))
+
+    with pytest.raises(ValueError, match="non-finite logits on b"):
+        evaluate(NaNOnClass3(), camvid, (24, 32), progress=False)

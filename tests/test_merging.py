@@ -7,12 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from algm.merging.bipartite import (adaptive_threshold, bipartite_plan, bipartite_scores,
-                                    global_merge, merge_counts)
-from algm.merging.index_map import compose_source, keep_mask, merge_by_index
+                                    global_merge, merge_counts, top_r_mask)
+from algm.merging.index_map import (apply_token_map, compose_source, inverse_permutation, keep_mask,
+                                    merge_by_index)
 from algm.merging.local import gather_windows, local_merge, select_windows, window_index, window_scores
 from algm.reduction import TokenState, prepend_cls
 
 D = 8
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
 
 
 def make_state(patches: torch.Tensor, grid, cls: torch.Tensor | None = None) -> TokenState:
@@ -63,6 +65,18 @@ def check_source(state: TokenState) -> None:
         # padding holds no patch and sits behind the real tokens
         assert not (counts > 0)[~state.keep[:, 1:]].any()
         assert torch.equal(state.keep, torch.sort(state.keep.int(), 1, descending=True).values.bool())
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Records every tensor value read back to the host (a sync on an accelerator)."""
+    calls = []
+    for name in HOST_READS:
+        def counted(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
 
 
 # ---------------------------------------------------------------- local stage
@@ -292,6 +306,20 @@ def test_bipartite_merge_matches_authors_code(t):
     torch.testing.assert_close(got_size, ref_size)
 
 
+def test_top_r_mask_equals_a_stable_descending_sort():
+    """Ties at the r-th value go to the lower index, for an int r and a per-image r."""
+    g = torch.Generator().manual_seed(8)
+    node_max = torch.randint(0, 4, (5, 13), generator=g).float()  # many ties
+    node_max[:, 0] = float("-inf")  # cls: 12 candidates
+    rank = inverse_permutation(node_max.argsort(dim=1, descending=True, stable=True))
+    for r in range(13):
+        if r:
+            assert torch.equal(top_r_mask(node_max, r), rank < r)
+        assert torch.equal(top_r_mask(node_max, torch.full((5,), r)), rank < r)
+    per_image = torch.tensor([0, 3, 12, 1, 7])
+    assert torch.equal(top_r_mask(node_max, per_image), rank < per_image[:, None])
+
+
 def test_global_per_image_with_padding_equals_each_image_alone():
     torch.manual_seed(4)
     lengths = [21, 14, 18]
@@ -331,6 +359,29 @@ def test_gradients_flow_through_the_averaging():
     # each final token is the plain mean of its patches: d sum / d patch = 1 / size
     expected = 1 / out.size[:, 1:].gather(1, out.source)
     torch.testing.assert_close(x.grad, expected.unsqueeze(-1).expand_as(x))
+
+
+def test_one_host_read_per_algm_step_none_with_a_fixed_r(host_reads):
+    """A step reads back only what sizes its output: one small tensor per ALGM stage
+    (both policies, padded or not), nothing for a fixed r (ToMe's path)."""
+    torch.manual_seed(6)
+    noise = torch.tensor([0.5, 0.8, 1.1]).view(3, 1, 1)  # images merge different amounts
+    state = make_state((torch.randn(3, 1, D) + noise * torch.randn(3, 64, D)), (8, 8))
+    for per_image in (False, True):
+        host_reads.clear()
+        local = local_merge(state, 0.4, per_image)
+        assert host_reads == ["tolist"]
+        host_reads.clear()
+        out = global_merge(local, 2, per_image)
+        assert host_reads == ["tolist"]
+        assert (local.keep is not None) == per_image
+        assert out.num_tokens < local.num_tokens < state.num_tokens
+    host_reads.clear()
+    node_max, node_idx = bipartite_scores(state.x)
+    dest, _ = bipartite_plan(node_max, node_idx, 5, None, 65)
+    out = apply_token_map(state, dest, 60)
+    assert host_reads == []
+    assert out.num_tokens == 60
 
 
 # ---------------------------------------------------------------- index map

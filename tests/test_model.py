@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from algm.build import make_setup
 from algm.config import DecoderConfig, ViTConfig, check_window, get_backbone, get_dataset, parse_crop
-from algm.model.segmenter import build_segmenter
+from algm.model.segmenter import build_segmenter, upsample_patch_logits
 from algm.reduction import NoReduction, TokenReduction
 
 TINY = ViTConfig("tiny", 64, 3, 2, 16, pos_grid=(4, 4))
@@ -147,3 +148,27 @@ def test_window_sizes():
 def test_none_method_is_identity_restore():
     t = torch.randn(2, 6, 3)
     assert NoReduction().restore(t, None) is t
+
+
+def test_every_piece_of_the_forward_runs_through_the_stage_in_order():
+    pieces = []
+
+    def stage(name, layer, fn, *args):
+        pieces.append((name, layer))
+        return fn(*args)
+
+    model, x = tiny(), torch.randn(1, 3, 32, 64)
+    with torch.no_grad():
+        assert torch.equal(model.run(x, stage=stage).logits, model(x))
+    blocks = [(name, i) for i in range(3) for name in ("attn_bias", "attend", "mid_block", "feed", "after_block")]
+    assert pieces == ([("embed", None), ("begin", None), ("cls", None)] + blocks
+                      + [("norm", None), ("decoder", None), ("restore", None), ("upsample", None)])
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_upsample_is_bilinear_on_the_patch_maps_and_channels_last(batch):
+    per_patch = torch.randn(batch, 3 * 4, 5)
+    out = upsample_patch_logits(per_patch, (3, 4), (48, 64))
+    maps = per_patch.transpose(1, 2).reshape(batch, 5, 3, 4).contiguous()
+    torch.testing.assert_close(out, F.interpolate(maps, size=(48, 64), mode="bilinear", align_corners=False))
+    assert out.is_contiguous(memory_format=torch.channels_last)  # the fast kernel's layout

@@ -10,16 +10,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+from algm import methods as registry
 from algm.algm import ALGM
 from algm.cli import main
 from algm.config import HALF, DecoderConfig, ViTConfig, get_dataset
+from algm.data.windows import center_window, normalise
 from algm.methods import build_method
 from algm.model.segmenter import build_segmenter
-from algm.visualize import (PRUNED_COLOR, Prediction, class_meta, compact_ids, distinct_colors,
-                            method_variants, predict, prepare_input, read_image, save_label_png,
-                            token_map_rgb, write_gallery)
+from algm.pictures.figures import TokenPanel, save_figure, tokens_figure
+from algm.pictures.gallery import method_variants, write_gallery
+from algm.pictures.maps import (PRUNED_COLOR, class_meta, compact_ids, distinct_colors, save_label_png,
+                                token_map_rgb)
+from algm.pictures.predict import Prediction, check_image, predict, read_image
+from algm.reduction import TokenReduction, TrainingTask
 
 N_CLS = 11  # CamVid's classes, so --dataset camvid (the default) names and colours them
 WINDOW = (64, 96)  # 4 x 6 = 24 patches
@@ -157,6 +163,66 @@ def test_label_png_shows_colours_and_reads_back_as_classes(tmp_path):
         class_meta("camvid", 5)
 
 
+class MarkEven(TokenReduction):
+    """No reduction, but its token map gives even patches to no token (like pruning)."""
+
+    name = "mark-even"
+
+    def token_map(self, state):
+        return state.source.masked_fill(state.source % 2 == 0, -1)
+
+
+class Untrained(TokenReduction):
+    """A method with a part that was never trained."""
+
+    name = "untrained"
+
+    @classmethod
+    def required_training(cls, config, backbone, dataset):
+        return [TrainingTask("exit heads", Path("nowhere/heads.pt"), lambda context: None)]
+
+
+def test_the_token_map_is_the_methods_own():
+    pred = predict(tiny(MarkEven()), image_tensor(), WINDOW)
+    assert pred.source.reshape(-1).tolist() == [-1 if i % 2 == 0 else i for i in range(24)]
+    assert pred.n_pruned == 12 and pred.caption().endswith("12 patches pruned (dark)")
+
+
+def test_camvid_frames_feed_the_whole_frame_and_other_images_keep_their_aspect():
+    """CamVid 480 x 360 into 448 x 336: the centre window at test scale is the whole frame
+    resized, exactly the old input; a wider image is cropped, not squeezed."""
+    model, frame = tiny(), image_tensor(360, 480)
+    pred = predict(model, frame, (336, 448))
+    cfg = model.encoder.cfg
+    resized = F.interpolate(frame.unsqueeze(0).float().div_(255), size=(336, 448), mode="bilinear",
+                            align_corners=False)
+    assert torch.equal(pred.input, normalise(resized, cfg.mean, cfg.std))
+    assert torch.equal(pred.image, frame) and pred.labels().shape == (360, 480)
+
+    wide = image_tensor(64, 128)
+    pred = predict(model, wide, (64, 64))
+    assert torch.equal(pred.input, normalise(wide[None, :, :, 32:96].float() / 255, cfg.mean, cfg.std))
+    assert torch.equal(pred.image, wide[:, :, 32:96])
+
+
+def test_method_variants_leave_out_untrained_methods_and_say_so(monkeypatch, capsys):
+    registry.methods()  # discover the built-ins first, then add the untrained one
+    monkeypatch.setitem(registry._REGISTRY, "untrained", Untrained)
+    model = tiny()
+    models = method_variants(model, model.encoder.cfg, get_dataset("camvid"), ["none", "untrained", "algm"])
+    algm = build_method("algm", model.encoder.cfg, get_dataset("camvid"))
+    assert list(models) == ["none", algm.label()]
+    assert "untrained left out" in capsys.readouterr().err
+
+
+def test_figures_are_written_whole_in_the_format_of_their_name(tmp_path):
+    pred = predict(tiny(), image_tensor(), WINDOW)
+    fig = tokens_figure(pred.rgb(), TokenPanel("none", pred.source.numpy(), pred.caption()))
+    path = save_figure(fig, tmp_path / "tokens.svg")
+    assert "<svg" in path.read_text()[:1000]
+    assert [p.name for p in tmp_path.iterdir()] == ["tokens.svg"]  # no temporary file left
+
+
 # ------------------------------------------------------------------------- CLI
 def test_predict_writes_pictures_and_the_exact_logits(tmp_path, checkpoint, capsys):
     from algm.weights import load_checkpoint
@@ -174,13 +240,14 @@ def test_predict_writes_pictures_and_the_exact_logits(tmp_path, checkpoint, caps
     model, info = load_checkpoint(checkpoint)
     method = build_method("algm", model.encoder.cfg, get_dataset("camvid"), tau=-1.0, stages="local")
     model = model.with_method(method).eval()
-    x = prepare_input(read_image(img), (info.window_size, info.window_size), HALF, HALF)
+    x = center_window(read_image(img), (info.window_size, info.window_size), HALF, HALF)
     with torch.no_grad():
         direct = model(x)
     assert saved.dtype == torch.float32 and saved.shape == (1, N_CLS, 64, 64)
     assert torch.equal(saved, direct)
     with Image.open(out / "street_pred.png") as im:
-        assert im.mode == "P" and im.size == (100, 70)
+        # the 64 x 64 centre window of the 70 x 100 image, at the image's scale
+        assert im.mode == "P" and im.size == (70, 70)
         assert np.array(im).max() < N_CLS
 
 
@@ -220,7 +287,7 @@ def _bad_checkpoint(tmp_path, checkpoint):
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "image not found"),
-    ("unreadable", "cannot read image"),
+    ("unreadable", "cannot read this image"),
     ("no_variant", "variant file not found"),
 ])
 @pytest.mark.parametrize("out_exists", [False, True])
@@ -245,3 +312,27 @@ def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, checkpoint, capsys
     fig = tmp_path / "fig.png"
     assert main(["compare-methods", "--image", str(img), "--out", str(fig), *extra]) == 2
     assert message in capsys.readouterr().err and not fig.exists()
+
+
+def test_an_image_damaged_past_its_header_fails_before_anything_is_written(tmp_path, checkpoint, capsys):
+    """A truncated JPEG has a valid header; the up-front check decodes it (cheaply) and
+    fails before the pictures of the first image are written."""
+    Image.fromarray(image_tensor().permute(1, 2, 0).numpy()).save(tmp_path / "whole.jpg")
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.jpg"):
+        check_image(tmp_path / "cut.jpg")
+    out = tmp_path / "out"
+    assert main(["predict", "--image", str(write_png(tmp_path / "first.png")), "--image",
+                 str(tmp_path / "cut.jpg"), "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "cut.jpg" in err and "cannot read this image" in err and not out.exists()
+
+
+def test_compare_methods_with_only_untrained_methods_fails_clearly(tmp_path, checkpoint, capsys, monkeypatch):
+    registry.methods()
+    monkeypatch.setitem(registry._REGISTRY, "untrained", Untrained)
+    fig = tmp_path / "fig.png"
+    assert main(["compare-methods", "--image", str(write_png(tmp_path / "x.png", 64, 64)), "--checkpoint",
+                 str(checkpoint), "--methods", "untrained", "--out", str(fig)]) == 2
+    assert "every one chosen still needs training" in capsys.readouterr().err and not fig.exists()

@@ -5,20 +5,21 @@ from __future__ import annotations
 import argparse
 import math
 from collections import namedtuple
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from algm import atomic
+from algm.commands.train_prune_heads import register
 from algm.config import DatasetSpec, DecoderConfig, ViTConfig
-from algm.methods import build_method
+from algm.data.windows import tiles
+from algm.methods import build_method, required_training
 from algm.model.segmenter import build_segmenter
-from algm.reduction import NoReduction
-from baselines.prune import (
-    HEADS_FORMAT, PruneAux, TokenPruning, add_train_parser, class_rank, encoder_features,
-    extract_features, fit_heads, heads_path, parse_layers, patch_labels,
-)
+from algm.reduction import NoReduction, TrainingContext
+from baselines import prune_train
+from baselines.prune import HEADS_FORMAT, PruneAux, TokenPruning, class_rank, heads_path, parse_layers
+from baselines.prune_train import encoder_features, extract_features, fit_heads, patch_labels
 
 CFG = ViTConfig("tiny", 64, 8, 2, 16, pos_grid=(4, 4))
 SPEC = DatasetSpec("toy", 4, grid=(4, 4), ignore_index=4)
@@ -291,13 +292,53 @@ def test_trained_heads_load_from_cache(tmp_path, monkeypatch):
         build_method("prune", CFG, DatasetSpec("toy", 7, grid=(4, 4)))
 
 
+def test_required_training_only_when_heads_are_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALGM_BENCH_CACHE", str(tmp_path))
+    (task,) = required_training("prune", CFG, SPEC)
+    assert task.path == heads_path("tiny", "toy", (4, 5)) and "tiny" in task.name
+    assert required_training("prune", CFG, SPEC, exit_layers="3,5")[0].path == heads_path("tiny", "toy", (3, 5))
+    assert required_training("prune", CFG, SPEC, random_heads=True) == []
+    assert required_training("prune", CFG, SPEC, heads_file=str(tmp_path / "mine.pt")) == []
+
+    # The task trains heads for this backbone / dataset / layers / window into its path ...
+    calls = []
+
+    def train(heads, backbone, dataset, layers, out, **options):
+        calls.append((backbone, dataset, layers, out, options))
+        meta = {"backbone": backbone, "dataset": dataset, "exit_layers": list(layers),
+                "embed_dim": 64, "n_cls": 4}
+        torch.save({"format": options["file_format"], "meta": meta, "state_dict": heads.state_dict()}, out)
+
+    monkeypatch.setattr(prune_train, "train_aux_heads", train)
+    task.run(TrainingContext(data_root="/data", window=(64, 96), progress=False))
+    (backbone, dataset, layers, out, options), = calls
+    assert (backbone, dataset, layers, out) == ("tiny", "toy", (4, 5), task.path)
+    assert options["window"] == (64, 96) and options["data_root"] == "/data" and options["progress"] is False
+    # ... after which nothing is left to train and the method builds from that file.
+    assert required_training("prune", CFG, SPEC) == []
+    assert build_method("prune", CFG, SPEC).settings()["heads"].startswith("trained:tiny/toy:")
+
+
+def test_label_and_token_map():
+    method = make_method(p0=0.9, std=1.0)
+    assert method.label() == "prune (p0=0.9, exit_layers=3,5, heads=RANDOM)"
+    method.heads_source = "trained:tiny/toy:0123abcd"
+    assert method.label() == "prune (p0=0.9, exit_layers=3,5)"
+    with torch.no_grad():
+        state, _ = make_model().encoder(images(4), method)
+    token_map = method.token_map(state)
+    assert state.aux.exited.any()
+    assert (token_map[state.aux.exited] == -1).all()
+    assert torch.equal(token_map[~state.aux.exited], state.source[~state.aux.exited])
+
+
 def test_cli_pieces():
     assert parse_layers("6, 8") == (6, 8)
     with pytest.raises(argparse.ArgumentTypeError):
         parse_layers("six")
     parser = argparse.ArgumentParser(prog="algm-bench")
     sub = parser.add_subparsers(dest="command")
-    add_train_parser(sub)
+    register(sub)
     args = parser.parse_args(["train-prune-heads", "--exit-layers", "6,8", "--epochs", "3"])
     assert args.exit_layers == (6, 8) and args.epochs == 3 and callable(args.func)
     with pytest.raises(SystemExit) as done:
@@ -350,6 +391,22 @@ def test_encoder_features_match_the_pruning_hook_and_cache(tmp_path):
     assert torch.equal(f1, f2) and torch.equal(l1, l2)
 
 
+def test_training_windows_are_the_tiles(tmp_path):
+    """A 640 x 480 image with a 512 window: test scale 683 x 512, two tiles (no resize to
+    the window's shape)."""
+    model = make_model()
+    g = torch.Generator().manual_seed(0)
+    item = Item(torch.randint(0, 256, (3, 480, 640), dtype=torch.uint8, generator=g),
+                torch.randint(0, 5, (480, 640), generator=g), "wide")
+    cfg, window = model.encoder.cfg, (512, 512)
+    feats, labels = extract_features(model.encoder, [item], (2, 5), window, 4, 4, tmp_path, progress=False)
+    expected = list(tiles(item.image, window, cfg.mean, cfg.std, label=item.label, ignore_index=4))
+    assert len(expected) == 2 and feats.shape == (2, 2, 32 * 32, 64) and labels.shape == (2, 32 * 32)
+    x = torch.cat([x for x, _ in expected])
+    assert torch.equal(feats, encoder_features(model.encoder, x, (2, 5)).half())
+    assert torch.equal(labels, torch.stack([patch_labels(y[0], (32, 32), 4, 4) for _, y in expected]))
+
+
 class _NoCall(torch.nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -393,17 +450,17 @@ def _killed_after_checkpoints(n, monkeypatch, run):
     class Killed(Exception):
         pass
 
-    real = Path.replace
+    real = atomic.write_with
     done = []
 
-    def replace(self, target):
-        out = real(self, target)
-        done.append(target)
+    def write_with(path, write):
+        out = real(path, write)
+        done.append(path)
         if len(done) == n:
             raise Killed
         return out
 
     with monkeypatch.context() as m:
-        m.setattr(Path, "replace", replace)
+        m.setattr(atomic, "write_with", write_with)
         with pytest.raises(Killed):
             run()

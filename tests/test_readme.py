@@ -19,7 +19,7 @@ def readme_method():
     return namespace["MergeOnePair"]
 
 
-def test_readme_example_merges_one_pair_and_restores_the_grid():
+def test_readme_example_merges_one_pair_and_restores_the_grid(isolated_registry):
     torch.manual_seed(0)
     cfg = ViTConfig("tiny", 64, 5, 2, 16, pos_grid=(4, 4))
     model = build_segmenter(cfg, 3, DecoderConfig("mask"), readme_method()(layer=3)).eval()

@@ -8,7 +8,7 @@ import pytest
 
 from suites.definition import Setting, load_suite
 from suites.report import markdown_table, latex_table, reproduction_table, to_frame, write_reports
-from suites.runner import RunOptions, row_key
+from suites.runner import Row, RunOptions, row_key
 
 
 @pytest.mark.parametrize("name", ["camvid", "ade20k", "cityscapes", "pascal", "cocostuff"])
@@ -28,16 +28,47 @@ def test_suite_errors_name_the_problem(tmp_path):
     bad.write_text("dataset: camvid\nbackbones: [vit-xxl]\nmethods: {none: [{}]}\n")
     with pytest.raises(ValueError, match="unknown backbone 'vit-xxl'"):
         load_suite(str(bad))
+    # method options are checked when the suite is read, before any row runs
+    bad.write_text("dataset: camvid\nbackbones: [vit-s14]\nmethods: {algm: [{tau: high}]}\n")
+    with pytest.raises(ValueError, match="bad.yaml.*tau must be a number"):
+        load_suite(str(bad))
+    bad.write_text("dataset: camvid\nbackbones: [vit-s14]\nmethods: {algm: [{rr: 3}]}\n")
+    with pytest.raises(ValueError, match=r"bad.yaml.*method 'algm' has no option\(s\) \['rr'\]"):
+        load_suite(str(bad))
 
 
-def test_row_key_changes_with_every_knob():
+@pytest.mark.parametrize("text,message", [
+    ("dataset: camvid\nbackbones: [vit-s14]\nmethods: {none: [{}]}\nflops_image: 3\n",
+     "unknown key(s) flops_image"),
+    ("dataset: camvid\nbackbones: [vit-s14]\nmethods: {}\n", "methods must map at least one method"),
+    ("dataset: camvid\nbackbones: [vit-s14]\nmethods: []\n", "methods must map at least one method"),
+    ("dataset: camvid\nbackbones: [vit-s14\nmethods: {none: [{}]}\n", "not valid YAML"),
+    ("dataset: camvid\nbackbones: [vit-s14]\nmethods: {none: [{}]}\nthroughput: {batch_sizes: [0]}\n",
+     "throughput.batch_sizes must be whole numbers >= 1, got [0]"),
+    ("- just a list\n", "expected a mapping of keys"),
+])
+def test_a_bad_suite_is_one_error_naming_the_file(tmp_path, text, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ValueError) as err:
+        load_suite(str(bad))
+    assert str(bad) in str(err.value) and message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_row_key_changes_with_every_knob(tmp_path):
     suite = load_suite("camvid")
     opts = RunOptions()
-    a = row_key(suite, "vit-s14", Setting("algm", {"tau": 0.9}), opts)
-    assert a == row_key(suite, "vit-s14", Setting("algm", {"tau": 0.9}), opts)
-    assert a != row_key(suite, "vit-s14", Setting("algm", {"tau": 0.91}), opts)
-    assert a != row_key(suite, "vit-s14", Setting("algm", {"tau": 0.9}, train=True), opts)
-    assert a != row_key(suite, "vit-s14", Setting("algm", {"tau": 0.9}), RunOptions(device="cuda"))
+    a = row_key(suite, Row("vit-s14", Setting("algm", {"tau": 0.9})), opts)
+    assert a == row_key(suite, Row("vit-s14", Setting("algm", {"tau": 0.9})), opts)
+    assert a != row_key(suite, Row("vit-s14", Setting("algm", {"tau": 0.91})), opts)
+    assert a != row_key(suite, Row("vit-s14", Setting("algm", {"tau": 0.9}, train=True)), opts)
+    assert a != row_key(suite, Row("vit-s14", Setting("algm", {"tau": 0.9})), RunOptions(device="cuda"))
+    assert a != row_key(dataclasses.replace(suite, window_batch_size=4), Row("vit-s14", Setting("algm", {"tau": 0.9})), opts)
+    ckpt = tmp_path / "checkpoint.pth"
+    ckpt.write_bytes(b"one")
+    with_ckpt = row_key(suite, Row("vit-s14", Setting("algm"), ckpt, ckpt), opts)
+    ckpt.write_bytes(b"two!")  # other weights, same file name: another row
+    assert with_ckpt != row_key(suite, Row("vit-s14", Setting("algm"), ckpt, ckpt), opts)
 
 
 ROWS = [
@@ -70,21 +101,39 @@ def test_tables_mark_the_best_per_column():
 
 
 def test_write_reports_creates_every_file(tmp_path):
-    written = write_reports(ROWS, tmp_path, {"vit-s14": {"none": 40.0}}, "test")
+    written = write_reports(ROWS, tmp_path, {"vit-s14": {"none": {"gflops": 40.0}}}, "test")
     names = {p.name for p in written}
     assert names == {"results.csv", "table.md", "table.tex", "miou_vs_gflops.png",
                      "miou_vs_throughput.png", "reproduction.md"}
     assert len(pd.read_csv(tmp_path / "results.csv")) == 3
-    assert "| vit-s14 | none | 40.00 | 40.0 | 1.0000 |" in (tmp_path / "reproduction.md").read_text()
+    assert "| vit-s14 | none |  | GFLOPs | 40.00 | 40.0 | 1.0000 | +0.00 |" in (tmp_path / "reproduction.md").read_text()
     assert "took" not in (tmp_path / "table.md").read_text()
     write_reports([dict(r, seconds=60.0 * (i + 1)) for i, r in enumerate(ROWS)], tmp_path, {}, "test")
     assert "Measuring these rows took 6.0 min" in (tmp_path / "table.md").read_text()
 
 
 def test_reproduction_table_skips_rows_without_published_value():
-    text = reproduction_table(to_frame(ROWS), {"vit-s14": {"algm(tau=0.9)": 26.3}})
-    assert "| vit-s14 | algm(tau=0.9) | 30.00 | 26.3 | 1.1407 |" in text
+    text = reproduction_table(to_frame(ROWS), {"vit-s14": {"algm(tau=0.9)": {"gflops": 26.3, "miou": 59.0,
+                                                                          "speedup": 1.5}}})
+    assert "| vit-s14 | algm(tau=0.9) |  | GFLOPs | 30.00 | 26.3 | 1.1407 | +3.70 |" in text
+    assert "| vit-s14 | algm(tau=0.9) |  | mIoU | 58.00 | 59.0 | 0.9831 | -1.00 |" in text
+    assert "| vit-s14 | algm(tau=0.9) |  | speed-up b8 | 1.25 | 1.5 | 0.8333 | -0.25 |" in text
     assert "tome" not in text
+
+
+def test_trained_checkpoint_rows_compare_their_own_miou_and_name_their_weights():
+    rows = [dict(r, weights="checkpoint", checkpoint="/c/ade20k/vit-s14/none/checkpoint.pth",
+                 checkpoint_sha256="0123456789ab", trained_with_method=False) for r in ROWS[:2]]
+    rows.append(dict(ROWS[1], weights="checkpoint", checkpoint="/c/ade20k/vit-s14/algm/checkpoint.pth",
+                     checkpoint_sha256="ba9876543210", trained_with_method=True, miou=math.nan,
+                     miou_trained=61.0))
+    df = to_frame(rows)
+    text = reproduction_table(df, {"vit-s14": {"algm(tau=0.9)": {"miou": 60.0}}})
+    assert "| none/checkpoint.pth 0123456789ab | mIoU | 58.00 | 60.0 |" in text
+    assert "| algm/checkpoint.pth ba9876543210, trained with the method | mIoU | 61.00 | 60.0 |" in text
+    md = markdown_table(df)
+    assert md.splitlines()[0].startswith("| backbone | method | setting | weights |")
+    assert "algm/checkpoint.pth ba9876543210, trained with the method" in md
 
 
 def test_contended_timings_are_marked_with_a_note():
@@ -118,11 +167,13 @@ def test_contended_throughput_is_retimed(monkeypatch):
                                  cpu_utilisation=u) for u in next(utilisations)[:len(models)]]
 
     monkeypatch.setattr(runner, "measure_interleaved", fake_measure)
-    monkeypatch.setattr("algm.commands.images.model_batch", lambda *a: (torch.zeros(1, 3, 4, 4), "x"))
 
     class FakeSetup:
         def __init__(self):
             self.model = torch.nn.Identity()
+
+        def batch(self, *args):
+            return torch.zeros(1, 3, 4, 4)
 
     suite = dataclasses.replace(load_suite("camvid"), throughput=Throughput((1,), contended_retries=2))
     method, baseline = FakeSetup(), FakeSetup()
@@ -159,11 +210,11 @@ def test_random_weight_rows_are_seeded():
     them), and building one leaves the global RNG alone."""
     import torch
 
-    from suites.runner import _setup
+    from suites.runner import setup_for
 
     suite = load_suite("pascal")
     state = torch.random.get_rng_state()
-    a = _setup(suite, "vit-ti16", Setting("algm"), pretrained=False).model.state_dict()
-    b = _setup(suite, "vit-ti16", Setting("algm"), pretrained=False).model.state_dict()
+    a = setup_for(suite, "vit-ti16", Setting("algm"), pretrained=False).model.state_dict()
+    b = setup_for(suite, "vit-ti16", Setting("algm"), pretrained=False).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(torch.random.get_rng_state(), state)

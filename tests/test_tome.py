@@ -1,12 +1,14 @@
 """ToMe baseline: matching, merging, index map, proportional attention, schedules, errors."""
 
+import math
+
 import pytest
 import torch
 
 from algm.config import DecoderConfig, ViTConfig, get_dataset
 from algm.methods import build_method
 from algm.model.segmenter import build_segmenter
-from algm.reduction import NoReduction, TokenState
+from algm.reduction import TokenState
 from baselines.tome import ToMe, bipartite_soft_matching, merge_state, parse_r
 
 CAMVID = get_dataset("camvid")
@@ -83,15 +85,16 @@ def constructed():
 
 def test_matching_on_constructed_input():
     m = bipartite_soft_matching(constructed(), r=1)
-    assert m.src_idx.tolist() == [[1]]       # a1 (position 2) merges ...
-    assert m.dst_idx.tolist() == [[1]]       # ... into b1 (position 3)
-    assert m.unm_idx.tolist() == [[0, 2]]    # cls and a2 stay, original order
+    dest = m.dest[0].tolist()
+    assert dest[2] == dest[3] == 3           # a1 (position 2) merges into b1 (position 3)
+    assert [dest[0], dest[4]] == [0, 1]      # cls and a2 stay, original order
     # new order: [cls, a2 (pos 4), b0 (pos 1), b1 + a1 (pos 3 and 2)]
-    assert m.remap.tolist() == [[0, 2, 3, 3, 1]]
+    assert m.dest.tolist() == [[0, 2, 3, 3, 1]]
 
     m2 = bipartite_soft_matching(constructed(), r=2)
-    assert sorted(m2.src_idx.tolist()[0]) == [1, 2]
-    assert m2.remap.tolist() == [[0, 1, 2, 2, 1]]
+    dest = m2.dest[0].tolist()
+    assert dest[2] == dest[3] and dest[4] == dest[1]  # a1 -> b1, a2 -> b0
+    assert m2.dest.tolist() == [[0, 1, 2, 2, 1]]
 
 
 def test_merge_sizes_values_and_index_map():
@@ -111,9 +114,17 @@ def test_cls_is_never_merged_and_r_is_capped():
     metric = torch.ones(2, 9, 4)  # every token identical, cls included
     m = bipartite_soft_matching(metric, r=100)
     assert m.r == 4  # (T - 1) // 2
-    assert (m.src_idx != 0).all()
-    assert (m.remap[:, 0] == 0).all()
+    assert (m.dest[:, 1:] != 0).all()  # cls is alone in slot 0
+    assert (m.dest[:, 0] == 0).all()
     assert bipartite_soft_matching(metric, r=0) is None
+
+
+def test_tied_edges_merge_the_lower_a_indices():
+    """All edges tie: the r merging a-tokens are a1 .. ar (positions 2, 4, ...)."""
+    dest = bipartite_soft_matching(torch.ones(2, 9, 4), r=2).dest
+    # a-tokens at positions 0, 2, 4, 6, 8; a1, a2 merge into b slots (3 unmerged a first)
+    assert dest[:, [0, 6, 8]].tolist() == [[0, 1, 2]] * 2
+    assert (dest[:, [2, 4]] >= 3).all()
 
 
 def test_index_map_equals_dense_source_matrix():
@@ -128,10 +139,56 @@ def test_index_map_equals_dense_source_matrix():
         m = bipartite_soft_matching(torch.randn(b, state.num_tokens, c, generator=g), r)
         state = merge_state(state, m)
         new = torch.zeros(b, state.num_tokens, n + 1)
-        dense = new.scatter_add_(1, m.remap.unsqueeze(-1).expand(-1, -1, n + 1), dense)
+        dense = new.scatter_add_(1, m.dest.unsqueeze(-1).expand(-1, -1, n + 1), dense)
         check_index_map(state, n)
     assert torch.equal(dense.sum(1), torch.ones(b, n + 1))
     assert torch.equal(dense.argmax(1)[:, 1:] - 1, state.source)
+
+
+def official_matching(metric, r):
+    """ToMe's ``bipartite_soft_matching`` (facebookresearch/ToMe, tome/merge.py), class
+    token protected, no distillation token; returns its ``merge(x, mode)``."""
+    t = metric.shape[1]
+    r = min(r, (t - 1) // 2)
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[..., ::2, :], metric[..., 1::2, :]
+    scores = a @ b.transpose(-1, -2)
+    scores[..., 0, :] = -math.inf
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+    unm_idx = edge_idx[..., r:, :].sort(dim=1)[0]
+    src_idx = edge_idx[..., :r, :]
+    dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+
+    def merge(x, mode="mean"):
+        src, dst = x[..., ::2, :], x[..., 1::2, :]
+        n, t1, c = src.shape
+        unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
+        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
+        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
+        return torch.cat([unm, dst], dim=1)
+
+    return merge
+
+
+def test_merges_equal_tomes_official_code():
+    """A chain of steps == ToMe's merge_wavg / merge_source: same tokens (up to float
+    summation order), same sizes, and the index map == argmax of its dense source."""
+    g = torch.Generator().manual_seed(7)
+    b, n, c, k = 3, 96, 16, 6
+    state = TokenState.identity(torch.randn(b, n, c, generator=g), (8, 12))
+    state = state.replace(x=torch.cat([torch.randn(b, 1, c, generator=g), state.x], 1),
+                          size=torch.ones(b, n + 1))
+    x, size, dense = state.x, torch.ones(b, n + 1, 1), torch.eye(n + 1).expand(b, -1, -1)
+    for r in (20, 16, 30, 1):
+        metric = torch.randn(b, state.num_tokens, k, generator=g)
+        merge = official_matching(metric, r)
+        x, size = merge(x * size, "sum"), merge(size, "sum")
+        x, dense = x / size, merge(dense, "amax")
+        state = merge_state(state, bipartite_soft_matching(metric, r))
+        torch.testing.assert_close(state.x, x, rtol=1e-6, atol=1e-6)
+        assert torch.equal(state.size, size[..., 0])
+        assert torch.equal(state.source, dense.argmax(1)[:, 1:] - 1)
 
 
 # ------------------------------------------------------------------ proportional attention

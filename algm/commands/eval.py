@@ -4,28 +4,29 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from algm import distributed
-from algm.commands.common import (add_data_arguments, add_model_arguments, add_nproc_argument, emit,
-                                  has_weights, setup_from_args)
+from algm.commands.common import (add_data_arguments, add_model_arguments, add_nproc_argument,
+                                  default_device, device, emit, no_head_message, positive_int,
+                                  setup_from_args, setup_with_decoder)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help="mIoU with sliding-window inference",
-        description="Sliding-window mIoU (window = crop, stride = crop - 32, overlapping logits "
-                    "averaged) at the dataset's test scale, one confusion matrix over the split. "
-                    "The decoder is an official --checkpoint (with its variant.yml), a --head "
-                    "trained by `algm-bench train-head`, or by default the head this suite "
-                    "trained for the backbone without reduction (the off-the-shelf head).",
+        description="Sliding-window mIoU (window = crop, stride = crop - 32 or the checkpoint's "
+                    "window_stride, overlapping logits averaged) at the dataset's test scale, one "
+                    "confusion matrix over the split. The decoder is an official --checkpoint's "
+                    "(backbone, dataset, window and stride come from its variant.yml), a --head "
+                    "trained by `algm-bench train-head`, or by default the head this suite trained "
+                    "for the backbone without reduction (the off-the-shelf head).",
     )
     add_model_arguments(p)
     add_data_arguments(p)
-    p.add_argument("--checkpoint", default=None,
-                   help="official Segmenter/ALGM checkpoint.pth (variant.yml beside it)")
     p.add_argument("--head", default=None, help="head.pt written by `algm-bench train-head`")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--window-batch-size", type=positive_int, default=1,
+                   help="windows of one image per forward; the authors' evaluation batches 4, so "
+                        "ALGM's batch minimum acts across them (default: 1, every window alone)")
+    p.add_argument("--device", type=device, default=default_device(),
                    help="torch device (default: cuda if available, else cpu; under torchrun "
                         "cuda means cuda:LOCAL_RANK)")
     add_nproc_argument(p)
@@ -35,61 +36,34 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from algm.data.datasets import build_dataset
+    from algm.data.datasets import build_dataset, check_files
     from algm.evaluate import evaluate
 
     distributed.init()
-    dataset = build_dataset(args.dataset, args.split, root=args.data_root)
-    model, window, stride, backbone = load_model(args)
+    setup = setup_with_decoder(args)
+    if setup is None:
+        raise FileNotFoundError(no_head_message(setup_from_args(args, method="none"), args.decoder))
+    dataset = build_dataset(setup.dataset.name, args.split, root=args.data_root, limit=args.limit)
+    check_files(dataset)  # the first unreadable file fails now, naming it
+    model = setup.model
     distributed.broadcast_module(model)  # the same weights everywhere, random ones included
-    result = evaluate(model.to(distributed.device(args.device)), dataset, window, stride,
-                      backbone_cfg=backbone, limit=args.limit, progress=not args.no_progress,
-                      batch_size=1, distributed=True)
+    result = evaluate(model.to(distributed.device(args.device)), dataset, setup.window, setup.stride,
+                      backbone_cfg=setup.backbone, limit=args.limit, progress=not args.no_progress,
+                      batch_size=args.window_batch_size, distributed=True)
     if not distributed.is_main():
         return 0
     out = {
         "miou": result.miou, "acc": result.acc, "images": result.n_images,
-        "dataset": args.dataset, "split": args.split, "backbone": backbone.name,
-        "method": args.method, "settings": model.method.settings(),
-        "window": list(window), "stride": list(stride), "processes": distributed.world_size(),
+        "dataset": setup.dataset.name, "split": args.split, "backbone": setup.backbone.name,
+        "method": model.method.name, "settings": model.method.settings(),
+        "window": list(setup.window), "stride": list(setup.stride),
+        "window_batch_size": args.window_batch_size, "weights": setup.weights.describe(),
+        "processes": distributed.world_size(),
         **{k: v for k, v in result.to_dict(dataset.classes).items() if k == "per_class_iou"},
     }
     emit(out, args.json, [
-        f"{backbone.name} / {args.dataset} {args.split} / {args.method}: mIoU {result.miou * 100:.2f}  "
-        f"acc {result.acc * 100:.2f}  ({result.n_images} images)",
+        f"{setup.backbone.name} / {setup.dataset.name} {args.split} / {model.method.label()}: mIoU "
+        f"{result.miou * 100:.2f}  acc {result.acc * 100:.2f}  ({result.n_images} images)",
     ] + [f"  {name:>14s} {iou * 100:6.2f}" if iou is not None else f"  {name:>14s}      -"
          for name, iou in out["per_class_iou"].items()])
     return 0
-
-
-def load_model(args: argparse.Namespace):
-    """(model, window, stride, backbone config) for the --checkpoint / --head / default head."""
-    from algm.evaluate import default_stride
-    from algm.methods import build_method, method_options
-
-    if args.checkpoint:
-        if args.head:
-            raise ValueError("give either --checkpoint or --head, not both")
-        from algm.config import get_dataset
-        from algm.weights import load_checkpoint
-
-        model, info = load_checkpoint(args.checkpoint)
-        method = build_method(args.method, model.encoder.cfg, get_dataset(args.dataset),
-                              **method_options(args, args.method))
-        window = (info.window_size, info.window_size)
-        return model.with_method(method), window, (info.window_stride,) * 2, model.encoder.cfg
-    from algm.train import load_head, train_head, trained_head_path
-
-    setup = setup_from_args(args, pretrained=has_weights(args.backbone))
-    if args.head:
-        load_head(setup, args.head)
-    else:
-        baseline = setup_from_args(args, pretrained=has_weights(args.backbone), method="none")
-        path = trained_head_path(baseline, root=args.data_root)
-        if path is None:
-            raise FileNotFoundError(
-                f"no trained head for {args.backbone} / {args.dataset} / {args.decoder} decoder; "
-                f"train one with `algm-bench train-head --backbone {args.backbone} --dataset "
-                f"{args.dataset} --decoder {args.decoder}` or pass --head / --checkpoint")
-        load_head(setup, path)
-    return setup.model, setup.window, default_stride(setup.window), setup.backbone

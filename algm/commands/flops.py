@@ -33,10 +33,8 @@ def run(args: argparse.Namespace) -> int:
     setup = setup_from_args(args, pretrained=args.pretrained or (content_dependent and has_weights(args.backbone)))
     model = setup.model.eval()
     if content_dependent:
-        from algm.commands.images import window_images
-
         limit = args.limit if args.limit is not None else 20
-        images = window_images(setup, args.split, limit, args.data_root)
+        images = setup.split_windows(args.split, limit, args.data_root)
 
         def signature(image):
             with torch.no_grad():
@@ -51,14 +49,15 @@ def run(args: argparse.Namespace) -> int:
         "gflops": gflops,
         "gflops_std": float(torch.tensor(per_image).std()) if len(per_image) > 1 else 0.0,
         "images": len(per_image),
-        "backbone": args.backbone,
-        "dataset": args.dataset,
+        "backbone": setup.backbone.name,
+        "dataset": setup.dataset.name,
         "crop": list(setup.window),
         "method": args.method,
         "settings": setup.model.method.settings(),
+        "weights": setup.weights.describe(),
     }
     emit(result, args.json, [
-        f"{args.backbone} / {args.dataset} / {args.method} at {setup.window[0]}x{setup.window[1]}: "
+        f"{setup.backbone.name} / {setup.dataset.name} / {setup.model.method.label()} at {setup.window[0]}x{setup.window[1]}: "
         f"{gflops:.2f} GFLOPs per image ({len(per_image)} image(s))",
     ])
     return 0

@@ -6,44 +6,45 @@ colour, patch grid, tokens kept in the title); ``--save-logits`` adds the logits
 ``compare-methods`` puts ``none`` and every method at its default setting side by side
 on one image (prediction overlay above, token map below).
 
-The model is fed one window: the image resized to the window (the dataset's crop for
-suite backbones, the variant's ``window_size`` square for an official ``--checkpoint``)
-and normalised as the encoder expects. The decoder is the official checkpoint's, a
-``--head``, or the suite's off-the-shelf head; when none was trained yet the decoder is
-random (seeded), a warning says so and every picture title says so.
+The model is fed what evaluation feeds it: the centre window of the image at test scale
+(:func:`algm.data.windows.center_window`; the window is the dataset's crop for suite
+backbones, the variant's ``window_size`` square for an official ``--checkpoint``),
+normalised as the encoder expects; the pictures show that window's region at the
+image's own scale (the whole image where the window covers it, e.g. CamVid frames).
+Labels are the method's own (``method.label()``). The decoder is the official
+checkpoint's, a ``--head``, or the suite's off-the-shelf head; when none was trained
+yet the decoder is random (seeded), a warning says so and every picture title says so.
+Every image is read and predicted before the first file is written.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
-from algm.commands.common import add_model_arguments, has_weights, setup_from_args
-from algm.config import BACKBONES, DATASETS, DatasetSpec, ViTConfig, get_dataset
-from algm.methods import METHODS
+from algm.commands.common import (add_model_arguments, default_device, device, no_head_message,
+                                  setup_from_args, setup_with_decoder)
+from algm.config import DatasetSpec, ViTConfig
+from algm.methods import methods
+from algm.pictures.predict import Prediction
 
 RANDOM_DECODER = "RANDOM decoder (no trained head yet): the prediction means nothing"
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _add_weights_arguments(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("weights")
-    group.add_argument("--checkpoint", default=None,
-                       help="official Segmenter/ALGM checkpoint.pth (variant.yml beside it); the "
-                            "image is resized to the variant's window and normalised its way")
     group.add_argument("--head", default=None, help="head.pt written by `algm-bench train-head`")
     group.add_argument("--data-root", default=None,
                        help="dataset root, used to find the suite's off-the-shelf head "
                             "(default: $DATA_ROOT; CamVid: ../shared/data/camvid)")
-    group.add_argument("--device", default=_default_device(),
+    group.add_argument("--device", type=device, default=default_device(),
                        help="torch device (default: cuda if available, else cpu)")
 
 
@@ -51,12 +52,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict", help="prediction, overlay and token-map pictures of images",
         description="For every --image write <name>_pred.png (palette PNG: the colours of the "
-                    "dataset, pixel values = class indices, at the image's size), "
+                    "dataset, pixel values = class indices, at the image's scale over the centre "
+                    "window the model saw: the whole image where the window covers it), "
                     "<name>_overlay.png (prediction over the image, legend of the classes "
                     "present) and <name>_tokens.png (each final token's patches in its own "
                     "colour, patch grid, tokens kept in the title) to --out. --save-logits "
                     "adds <name>_logits.pt: the (1, n_cls, h, w) float32 logits exactly as the "
-                    "model returned them for the resized window (no softmax, no argmax).",
+                    "model returned them for the window (no softmax, no argmax).",
     )
     p.add_argument("--image", action="append", required=True, metavar="PATH",
                    help="image file; repeat for more images")
@@ -74,16 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     c.add_argument("--image", required=True, metavar="PATH", help="image file")
     c.add_argument("--out", required=True, help="figure file, e.g. fig.png (.pdf, .svg work too)")
-    c.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
-                   metavar="METHOD", help=f"columns, in order (default: {' '.join(METHODS)})")
-    group = c.add_argument_group("model")
-    group.add_argument("--backbone", default="vit-s14", choices=list(BACKBONES),
-                       help="ViT encoder (default: vit-s14)")
-    group.add_argument("--dataset", default="camvid", choices=list(DATASETS),
-                       help="dataset: classes, palette, window and method defaults (default: camvid)")
-    group.add_argument("--crop", default=None, help="window N or HxW pixels (default: the dataset's)")
-    group.add_argument("--decoder", default="mask", choices=["mask", "linear"],
-                       help="mask transformer or linear decoder (default: mask)")
+    c.add_argument("--methods", nargs="+", default=list(methods()), choices=list(methods()),
+                   metavar="METHOD", help=f"columns, in order (default: {' '.join(methods())})")
+    add_model_arguments(c, methods=False)
     _add_weights_arguments(c)
     c.set_defaults(func=run_compare, method="none")
 
@@ -102,43 +97,25 @@ class Loaded:
 
 
 def load_for_pictures(args: argparse.Namespace) -> Loaded:
-    """The model of ``--checkpoint`` / ``--head`` / the off-the-shelf head (through
-    :func:`algm.commands.eval.load_model`); without any trained head a seeded random
-    decoder on the real encoder, with a warning."""
-    from algm.commands.eval import load_model
-    from algm.train import trained_head_path
-
-    spec = get_dataset(args.dataset)
-    if args.checkpoint or args.head:
-        model, window, _, backbone = load_model(args)
-        if args.checkpoint:
-            weights = f"checkpoint {Path(args.checkpoint).name} ({backbone.name})"
-        else:
-            weights = f"{backbone.name}, head {Path(args.head).name}"
-        return Loaded(model.eval(), tuple(window), backbone, spec, weights, False)
-    pretrained = has_weights(args.backbone)
-    encoder = args.backbone + ("" if pretrained else " (RANDOM encoder weights)")
+    """The model of ``--checkpoint`` / ``--head`` / the off-the-shelf head
+    (:func:`~algm.commands.common.setup_with_decoder`); without any trained head a seeded
+    random decoder on the real encoder, with a warning."""
     torch.manual_seed(0)  # a random decoder, if it comes to that, is the same every run
-    baseline = setup_from_args(args, pretrained=pretrained, method="none")
-    try:
-        path = trained_head_path(baseline, root=args.data_root)
-    except FileNotFoundError:  # the training split is not on disk: no head can exist
-        path = None
-    if path is not None:
-        with_head = copy.copy(args)
-        with_head.head = str(path)
-        model, window, _, backbone = load_model(with_head)
-        return Loaded(model.eval(), tuple(window), backbone, spec, f"{encoder}, off-the-shelf head", False)
-    print(f"algm-bench: warning: no trained head for {args.backbone} / {args.dataset} / "
-          f"{args.decoder} decoder; the decoder is random, so the prediction means nothing "
-          f"(the token map is real). Train one with `algm-bench train-head --backbone "
-          f"{args.backbone} --dataset {args.dataset} --decoder {args.decoder}`.", file=sys.stderr)
-    if args.method == "none":
-        setup = baseline
-    else:
-        torch.manual_seed(0)
-        setup = setup_from_args(args, pretrained=pretrained)
-    return Loaded(setup.model.eval(), tuple(setup.window), setup.backbone, spec,
+    setup = setup_with_decoder(args)
+    if setup is not None:
+        if args.checkpoint:
+            weights = f"checkpoint {Path(args.checkpoint).name} ({setup.backbone.name})"
+        elif args.head:
+            weights = f"{setup.backbone.name}, head {Path(args.head).name}"
+        else:
+            weights = f"{setup.backbone.name}, off-the-shelf head"
+        return Loaded(setup.model.eval(), tuple(setup.window), setup.backbone, setup.dataset, weights, False)
+    torch.manual_seed(0)
+    setup = setup_from_args(args)
+    print(f"algm-bench: warning: {no_head_message(setup, args.decoder)}; the decoder is random, so "
+          f"the prediction means nothing (the token map is real).", file=sys.stderr)
+    encoder = setup.backbone.name + ("" if setup.weights.kind != "random" else " (RANDOM encoder weights)")
+    return Loaded(setup.model.eval(), tuple(setup.window), setup.backbone, setup.dataset,
                   f"{encoder}, {RANDOM_DECODER}", True)
 
 
@@ -148,8 +125,29 @@ def _check_out_dir(path: Path) -> None:
 
 
 # ============================================================================ predict
+def prediction_files(pred: Prediction, out: Path, name: str, classes: Sequence[str], palette: np.ndarray,
+                     title: str, save_logits: bool) -> list[Callable[[], Path]]:
+    """The files of one prediction, drawn but not yet written: one call each writes
+    ``<name>_pred.png``, ``<name>_overlay.png``, ``<name>_tokens.png`` (and with
+    ``save_logits`` ``<name>_logits.pt``, the (1, n_cls, h, w) float32 logits) into ``out``."""
+    from algm.atomic import save_torch
+    from algm.pictures.figures import TokenPanel, overlay_figure, save_figure, tokens_figure
+    from algm.pictures.maps import save_label_png
+
+    labels, image = pred.labels().numpy(), pred.rgb()
+    overlay = overlay_figure(image, labels, classes, palette, title)
+    tokens = tokens_figure(image, TokenPanel(title, pred.source.numpy(), pred.caption()))
+    writes = [partial(save_label_png, labels, palette, out / f"{name}_pred.png"),
+              partial(save_figure, overlay, out / f"{name}_overlay.png"),
+              partial(save_figure, tokens, out / f"{name}_tokens.png")]
+    if save_logits:
+        writes.append(partial(save_torch, pred.logits.contiguous(), out / f"{name}_logits.pt"))
+    return writes
+
+
 def run_predict(args: argparse.Namespace) -> int:
-    from algm.visualize import check_image, class_meta, method_label, predict, read_image, save_prediction
+    from algm.pictures.maps import class_meta
+    from algm.pictures.predict import check_image, predict, read_image
 
     out = Path(args.out)
     _check_out_dir(out)
@@ -163,14 +161,19 @@ def run_predict(args: argparse.Namespace) -> int:
                              f"({path.stem}_*.png); rename one")
         stems[path.stem] = path
     loaded = load_for_pictures(args)
-    classes, palette = class_meta(args.dataset, loaded.model.n_cls)
+    classes, palette = class_meta(loaded.dataset.name, loaded.model.n_cls)
     model = loaded.model.to(args.device)
-    label = method_label(model.method.name, model.method.settings())
+    label = model.method.label()
+    # Read, predict and draw every image first: a file damaged past its header fails
+    # here, before any picture of an earlier image is written.
+    writes = []
     for path in images:
         pred = predict(model, read_image(path), loaded.window)
         title = f"{path.name}: {label}\n{loaded.weights}"
-        for written in save_prediction(pred, out, path.stem, classes, palette, title, args.save_logits):
-            print(written)
+        writes += prediction_files(pred, out, path.stem, classes, palette, title, args.save_logits)
+    out.mkdir(parents=True, exist_ok=True)
+    for write in writes:
+        print(write())
     return 0
 
 
@@ -178,8 +181,10 @@ def run_predict(args: argparse.Namespace) -> int:
 def run_compare(args: argparse.Namespace) -> int:
     from matplotlib.figure import Figure
 
-    from algm.visualize import (check_image, class_meta, compare_figure, method_variants, predict,
-                                read_image, save_figure)
+    from algm.pictures.figures import TokenPanel, compare_figure, save_figure
+    from algm.pictures.gallery import method_variants
+    from algm.pictures.maps import class_meta
+    from algm.pictures.predict import check_image, predict, read_image
 
     out = Path(args.out)
     formats = Figure().canvas.get_supported_filetypes()
@@ -190,14 +195,17 @@ def run_compare(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} is a folder; give a file name such as {out / 'fig.png'}")
     check_image(args.image)
     loaded = load_for_pictures(args)
-    classes, palette = class_meta(args.dataset, loaded.model.n_cls)
+    classes, palette = class_meta(loaded.dataset.name, loaded.model.n_cls)
     image = read_image(args.image)
     model = loaded.model.to(args.device)
     variants = method_variants(model, loaded.backbone, loaded.dataset, args.methods)
-    preds = [(label, predict(variant.to(args.device), image, loaded.window))
-             for label, variant in variants.items()]
+    preds = {label: predict(variant.to(args.device), image, loaded.window) for label, variant in variants.items()}
+    if not preds:
+        raise ValueError("no method to compare: every one chosen still needs training")
+    panels = [TokenPanel(label, pred.source.numpy(), pred.caption()) for label, pred in preds.items()]
+    view = next(iter(preds.values())).rgb()
     title = f"{Path(args.image).name}: each method at its default setting\n{loaded.weights}"
-    fig = compare_figure(preds, classes, palette, title)
+    fig = compare_figure(view, panels, [p.labels().numpy() for p in preds.values()], classes, palette, title)
     out.parent.mkdir(parents=True, exist_ok=True)
     print(save_figure(fig, out))
     return 0

@@ -6,7 +6,8 @@ import argparse
 
 import torch
 
-from algm.commands.common import add_data_arguments, add_model_arguments, emit, has_weights, setup_from_args
+from algm.commands.common import default_device, device, add_data_arguments, add_model_arguments, emit, has_weights, setup_from_args
+from algm.measure.breakdown import Breakdown, measure_breakdown
 from algm.measure.throughput import CONTENDED_BELOW, measure_throughput
 
 
@@ -23,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-kind", default="mixed", choices=["mixed", "repeated"],
                    help="mixed: distinct frames of the split; repeated: one frame repeated "
                         "(the authors' protocol, every copy merges alike) (default: mixed)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--device", type=device, default=default_device(),
                    help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="fp32 (default) or autocast to bf16 / fp16")
@@ -37,32 +38,42 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="torch.compile the whole model; it compiles during the warm-up")
     p.add_argument("--warmup", type=int, default=5, help="untimed forwards first (default: 5)")
     p.add_argument("--repeats", type=int, default=10, help="timed forwards (default: 10)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time each stage of the forward (patch embed, block groups, the method's "
+                        "steps, decoder, restore, upsample) and print its share (algm.measure.breakdown)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from algm.commands.images import model_batch
-
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.breakdown and args.compile:
+        raise ValueError("--breakdown times the eager forward stage by stage; drop --compile")
     device = torch.device(args.device)
     precision = args.precision
     if args.amp:
         precision = "fp16" if device.type == "cuda" else "bf16"
     setup = setup_from_args(args, pretrained=has_weights(args.backbone))
-    batch, source = model_batch(setup, args.split, args.batch_size, args.batch_kind, args.data_root)
+    batch = setup.batch(args.split, args.batch_size, args.batch_kind, args.data_root).to(device)
+    backbone, dataset = setup.backbone.name, setup.dataset.name
+    source = f"{dataset}/{args.split}"
     model = setup.model.to(device)
-    result = measure_throughput(model, batch.to(device), args.warmup, args.repeats, precision,
-                                tf32=args.tf32, cudnn_benchmark=args.cudnn_benchmark, compile=args.compile)
+    settings = dict(tf32=args.tf32, cudnn_benchmark=args.cudnn_benchmark)
+    result = measure_throughput(model, batch, args.warmup, args.repeats, precision,
+                                compile=args.compile, **settings)
+    stages = (measure_breakdown(model, batch, args.warmup, args.repeats, precision, **settings)
+              if args.breakdown else None)
     out = {
         **result.to_dict(),
-        "backbone": args.backbone, "dataset": args.dataset, "method": args.method,
+        "backbone": backbone, "dataset": dataset, "method": args.method,
         "settings": setup.model.method.settings(), "crop": list(setup.window),
         "batch_kind": args.batch_kind, "images": source, "threads": torch.get_num_threads(),
     }
+    if stages is not None:
+        out["breakdown"] = stages.to_dict()
     emit(out, args.json, [
-        f"{args.backbone} / {args.dataset} / {args.method}, batch {args.batch_size} "
+        f"{backbone} / {dataset} / {args.method}, batch {args.batch_size} "
         f"({args.batch_kind}, {source}), {precision}{' +tf32' * args.tf32}"
         f"{' +cudnn.benchmark' * args.cudnn_benchmark}{' compiled' * args.compile} on {device}:",
         f"  {result.images_per_s:.2f} images/s (median {result.median_images_per_s:.2f}, "
@@ -71,6 +82,16 @@ def run(args: argparse.Namespace) -> int:
     ] + ([f"  peak GPU memory {result.peak_memory_mib:.0f} MiB"] if result.peak_memory_mib is not None else [])
       + ([f"  CPU utilisation {result.cpu_utilisation:.2f} of {torch.get_num_threads()} threads"
           + (" (other processes competed for the cores)" if result.cpu_utilisation < CONTENDED_BELOW else "")]
-         if result.cpu_utilisation is not None else []))
+         if result.cpu_utilisation is not None else [])
+      + (breakdown_lines(stages) if stages is not None else []))
     return 0
 
+
+def breakdown_lines(result: Breakdown) -> list[str]:
+    """One line per stage (median ms, share, kind), then the method's overhead share."""
+    width = max(len(s.name) for s in result.stages)
+    return ([f"  stages (median of {result.repeats} stepped forwards, {result.forward_s * 1e3:.1f} ms in all):"]
+            + [f"    {s.name:<{width}}  {s.seconds * 1e3:9.2f} ms  {s.share * 100:5.1f} %  {s.kind}"
+               for s in result.stages]
+            + [f"  method overhead {result.overhead_share * 100:.1f} %, fixed stages "
+               f"{result.fixed_share * 100:.1f} % of the forward"])

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from algm.commands.common import add_data_arguments, add_model_arguments, emit, has_weights, setup_from_args
-from algm.train import (
+from algm.training.head import (
     DEFAULT_EPOCHS, DEFAULT_LR, TRAIN_PRECISIONS, TrainConfig, evaluate_head, load_head, train_head,
 )
 
@@ -84,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     meta = load_head(setup, path)
     result = {
         "head": str(path),
-        "backbone": args.backbone, "dataset": args.dataset, "decoder": args.decoder,
+        "backbone": setup.backbone.name, "dataset": setup.dataset.name, "decoder": args.decoder,
         "method": args.method, "settings": setup.model.method.settings(),
         "window": list(setup.window), "train_split": args.split,
         "train": meta["train"], "n_windows": meta["n_windows"],
@@ -95,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     }
     lines = [
         f"head: {path}",
-        f"{args.backbone} / {args.dataset} / {args.method} {setup.model.method.settings() or ''} "
+        f"{setup.backbone.name} / {setup.dataset.name} / {args.method} {setup.model.method.settings() or ''} "
         f"/ {args.decoder} decoder: {meta['n_windows']} windows, {len(meta['history'])} epochs, "
         f"final loss {result['final_loss']:.4f}",
         f"time: features {meta['extract_seconds']:.0f} s (one-off, 0 if cached), training "
@@ -105,23 +104,10 @@ def run(args: argparse.Namespace) -> int:
         row = evaluate_head(setup, args.eval_split, root=args.data_root, limit=args.eval_limit,
                             folder=path.parent, progress=not args.quiet)
         result["eval"] = {k: row[k] for k in ("split", "miou", "acc", "n_images", "per_class_iou")}
-        lines.append(f"mIoU on {args.dataset} {args.eval_split} ({row['n_images']} images): "
+        lines.append(f"mIoU on {setup.dataset.name} {args.eval_split} ({row['n_images']} images): "
                      f"{100 * row['miou']:.2f}  (pixel acc {100 * row['acc']:.2f})")
     emit(result, args.json, lines)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run this subcommand alone (before it is registered in ``algm.cli``)."""
-    parser = argparse.ArgumentParser(prog="algm-bench")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(["train-head", *(argv if argv is not None else sys.argv[1:])])
-    try:
-        return args.func(args) or 0
-    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
-        print(f"algm-bench train-head: error: {err}", file=sys.stderr)
-        return 2
-
-
-__all__ = ["config_from_args", "main", "register", "run"]
+__all__ = ["config_from_args", "register", "run"]

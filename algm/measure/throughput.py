@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
+
+from algm.precision import autocast_context
 
 
 # cpu_utilisation below this: the timing competed with other processes.
@@ -54,16 +56,6 @@ class ThroughputResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def autocast_context(device: torch.device, precision: str):
-    """fp32 -> no autocast; 'bf16' / 'fp16' -> torch.autocast on the model's device."""
-    if precision == "fp32":
-        return nullcontext()
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in dtypes:
-        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
-    return torch.autocast(device_type=device.type, dtype=dtypes[precision])
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""Global bipartite merging (ALGM's GBM stage; ToMe's matching), SPEC section 2.
+"""Bipartite merging: ALGM's global stage (GBM) and ToMe's matching, SPEC sections 2, 3.
 
 Follows the authors' ``turbo_matching`` (tue-mps/algm-segmenter,
 ``algm/algm/global_merge.py``), itself ToMe's ``bipartite_soft_matching`` with an
@@ -12,13 +12,23 @@ adaptive r:
 * the r a-tokens with the highest node_max merge into their best b partner (several
   may share one), size-weighted; output ``[unmerged a (original order), all b]``.
 
-The pieces are separate so ToMe can reuse them: :func:`bipartite_scores` (any metric,
-e.g. mean keys), :func:`bipartite_plan` (any per-image r) and
-:func:`algm.merging.index_map.merge_by_index` / ``compose_source``.
+ToMe (:mod:`baselines.tome`) reuses :func:`bipartite_scores` (on the mean attention
+keys; cls protected), :func:`bipartite_plan` with an int r (exactly r merges in every
+image, no padding, no host sync) and :func:`algm.merging.index_map.apply_token_map`
+(size-weighted ``merge_by_index``, ``compose_source``); the sizes it returns feed
+ToMe's proportional attention. The adaptive threshold, :func:`bipartite_merge` and
+:func:`global_merge` are ALGM's only.
+
+Ties at the r-th best node_max go to the lower a-index (a stable descending order),
+for ALGM and ToMe alike.
 
 Padded batches (per-image merging): image b holds ``lengths[b]`` real tokens at the
 front. Padding never takes part: its b-columns score -inf, its a-rows are never
 candidates, and it is excluded from the threshold statistics.
+
+Host syncs: one per ALGM step (:func:`bipartite_merge` reads r's maximum and the
+shortest / longest new length at once: whether to merge at all, the size of the
+output, whether it is padded); none in a ToMe step.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from algm.merging.index_map import compose_source, keep_mask, merge_by_index, token_lengths
+from algm.merging.index_map import apply_token_map, keep_mask
 from algm.reduction import TokenState
 
 
@@ -89,36 +99,58 @@ def merge_counts(node_max: Tensor, thr: Tensor) -> Tensor:
     return (node_max >= thr.unsqueeze(1)).sum(1)
 
 
-def bipartite_plan(node_max: Tensor, node_idx: Tensor, r: Tensor, lengths: Tensor, t: int
-                   ) -> tuple[Tensor, Tensor]:
-    """Token map of one bipartite merge with r[b] merges in image b.
+def top_r_mask(node_max: Tensor, r: Tensor | int) -> Tensor:
+    """(B, Ta) bool: the r (int) or r[b] (Tensor (B,)) a-tokens with the highest node_max.
 
-    node_max, node_idx: (B, Ta) from :func:`bipartite_scores`; r: (B,) long (capped at
-    the number of candidates); lengths: (B,) real tokens; t: T. The r[b] a-tokens with
-    the highest node_max (ties: lower index) merge into their b partner. Returns
-    ``dest`` (B, T) long (new order ``[unmerged a, b]``, padding -> trash slot
-    ``max(new_lengths)``) and ``new_lengths`` (B,) = lengths - r.
+    An int r must be >= 1; no r may exceed an image's candidates (finite node_max).
+    Ties at the r-th value go to the lower index, as in a stable descending sort. An
+    int r takes the r-th value from a top-k of r (no sort of all edges); a per-image r
+    sorts the values instead, since a top-k of ``max(r)`` would need a host sync to
+    size it.
     """
-    bsz, ta = node_max.shape
+    if isinstance(r, int):
+        kth = node_max.topk(r, dim=1, sorted=False).values.amin(1, keepdim=True)
+    else:
+        r = r.unsqueeze(1)
+        ranked = node_max.sort(dim=1, descending=True).values
+        kth = ranked.gather(1, (r - 1).clamp(min=0)).masked_fill(r == 0, float("inf"))
+    above = node_max > kth
+    tied = node_max == kth
+    return above | (tied & (tied.cumsum(1) <= r - above.sum(1, keepdim=True)))
+
+
+def bipartite_plan(node_max: Tensor, node_idx: Tensor, r: Tensor | int, lengths: Tensor | None,
+                   t: int) -> tuple[Tensor, Tensor]:
+    """Token map of one bipartite merge with r (int) or r[b] (Tensor) merges in image b.
+
+    node_max, node_idx: (B, Ta) from :func:`bipartite_scores`; r: a Tensor (B,) long is
+    capped at each image's candidates, an int must not exceed them; lengths: (B,) real
+    tokens, or None when nothing is padded; t: T. The best r a-tokens
+    (:func:`top_r_mask`) merge into their b partner. Returns ``dest`` (B, T) long (new
+    order ``[unmerged a, b]``, padding -> trash slot ``max(new_lengths)``) and
+    ``new_lengths`` (B,) = lengths - r.
+    """
+    ta = node_max.shape[1]
     tb = t // 2
     device = node_max.device
-    r = torch.minimum(r, torch.isfinite(node_max).sum(1))
-    order = node_max.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(
-        1, order, torch.arange(ta, device=device).expand(bsz, -1))
-    src = rank < r.unsqueeze(1)
-    valid_a = _even_positions(ta, lengths)
-    valid_b = _odd_positions(tb, lengths)
-    unm = valid_a & ~src
-    n_unm = valid_a.sum(1) - r
-    dest_b = n_unm.unsqueeze(1) + torch.arange(tb, device=device)
+    if not isinstance(r, int):
+        r = torch.minimum(r, torch.isfinite(node_max).sum(1))
+    src = top_r_mask(node_max, r)
+    unm = ~src if lengths is None else _even_positions(ta, lengths) & ~src
+    n_unm = unm.sum(1, keepdim=True)
+    dest_b = n_unm + torch.arange(tb, device=device)
     dest_a = torch.where(src, dest_b.gather(1, node_idx.clamp(max=max(tb - 1, 0))),
                          unm.long().cumsum(1) - 1)
-    new_lengths = lengths - r
-    trash = int(new_lengths.max())
-    dest = torch.empty(bsz, t, dtype=torch.long, device=device)
-    dest[:, 0::2] = torch.where(valid_a, dest_a, torch.full_like(dest_a, trash))
-    dest[:, 1::2] = torch.where(valid_b, dest_b, torch.full_like(dest_b, trash))
+    if lengths is None:
+        new_lengths = (n_unm + tb).squeeze(1)
+    else:
+        new_lengths = lengths - r
+        trash = new_lengths.max()  # a 0-dim tensor: no host sync
+        dest_a = torch.where(_even_positions(ta, lengths), dest_a, trash)
+        dest_b = torch.where(_odd_positions(tb, lengths), dest_b, trash)
+    dest = torch.empty(node_max.shape[0], t, dtype=torch.long, device=device)
+    dest[:, 0::2] = dest_a
+    dest[:, 1::2] = dest_b
     return dest, new_lengths
 
 
@@ -129,15 +161,14 @@ def bipartite_merge(state: TokenState, node_max: Tensor, node_idx: Tensor, r: Te
     set when the images end with different lengths (front-packed, padding has x 0 and
     size 0).
     """
-    bsz, t, _ = state.x.shape
-    if not bool((r > 0).any()):
-        return state
-    lengths = token_lengths(state.keep, bsz, t, state.x.device)
+    t = state.num_tokens
+    lengths = None if state.keep is None else state.keep.sum(1)
     dest, new_lengths = bipartite_plan(node_max, node_idx, r, lengths, t)
-    length = int(new_lengths.max())
-    x, size = merge_by_index(state.x, state.size, dest, length)
-    return state.replace(x=x, size=size, source=compose_source(state.source, dest),
-                         keep=keep_mask(new_lengths, length))
+    # the step's one host sync: merge at all?, output size, padded?
+    most, shortest, longest = torch.stack([r.max(), new_lengths.min(), new_lengths.max()]).tolist()
+    if most <= 0:
+        return state
+    return apply_token_map(state, dest, longest, keep_mask(new_lengths, longest, shortest < longest))
 
 
 def global_merge(state: TokenState, g: int, per_image: bool = False) -> TokenState:

@@ -14,12 +14,17 @@ Padding (per-image merging): images of a batch may keep different numbers of tok
 Image b then holds ``lengths[b]`` real tokens at the front of the sequence and padding
 behind them; ``keep_mask(lengths, T)`` marks the real ones (None when nothing is
 padded, so the unpadded path stays mask-free and bit-identical).
+
+Host syncs: nothing here reads a tensor on the host except ``keep_mask`` when the
+caller does not say whether the batch is padded.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from algm.reduction import TokenState
 
 
 def merge_by_index(x: Tensor, size: Tensor, dest: Tensor, length: int) -> tuple[Tensor, Tensor]:
@@ -32,16 +37,16 @@ def merge_by_index(x: Tensor, size: Tensor, dest: Tensor, length: int) -> tuple[
     come out as zeros with size 0.
     """
     b, t, d = x.shape
-    slots = length + 1
-    offset = torch.arange(b, device=dest.device).unsqueeze(1) * slots
-    flat = (dest + offset).reshape(-1)
+    # real slots b * length + j, one shared trash row behind them: the result is a
+    # contiguous view and the division can run in place (one (B, T, D) buffer less)
+    trash = b * length
+    offset = torch.arange(b, device=dest.device).unsqueeze(1) * length
+    flat = torch.where(dest < length, dest + offset, trash).reshape(-1)
     weighted = (x * size.unsqueeze(-1)).reshape(b * t, d)
-    acc = weighted.new_zeros(b * slots, d).index_add_(0, flat, weighted)
-    total = size.new_zeros(b * slots).index_add_(0, flat, size.reshape(-1))
-    total = total.reshape(b, slots)[:, :length]
-    acc = acc.reshape(b, slots, d)[:, :length]
+    acc = weighted.new_zeros(trash + 1, d).index_add_(0, flat, weighted)
+    total = size.new_zeros(trash + 1).index_add_(0, flat, size.reshape(-1))[:trash].view(b, length)
     denom = torch.where(total > 0, total, torch.ones_like(total))
-    return (acc / denom.unsqueeze(-1)).to(x.dtype), total
+    return acc[:trash].view(b, length, d).div_(denom.unsqueeze(-1)).to(x.dtype), total
 
 
 def compose_source(source: Tensor, dest: Tensor) -> Tensor:
@@ -53,15 +58,31 @@ def compose_source(source: Tensor, dest: Tensor) -> Tensor:
     return dest[:, 1:].gather(1, source) - 1
 
 
-def keep_mask(lengths: Tensor, length: int) -> Tensor | None:
-    """(B,) real-token counts -> (B, length) bool mask, or None if none is padded."""
-    if bool((lengths == length).all()):
+def apply_token_map(state: TokenState, dest: Tensor, length: int, keep: Tensor | None = None
+                    ) -> TokenState:
+    """One merge step on a state: x and size merged by :func:`merge_by_index`, source
+    composed with ``dest`` (B, T), ``length`` tokens out (cls included), ``keep`` the
+    new (B, length) mask or None when nothing is padded."""
+    x, size = merge_by_index(state.x, state.size, dest, length)
+    return state.replace(x=x, size=size, source=compose_source(state.source, dest), keep=keep)
+
+
+def keep_mask(lengths: Tensor, length: int, padded: bool | None = None) -> Tensor | None:
+    """(B,) real-token counts -> (B, length) bool mask, or None if none is padded.
+
+    padded: whether some image is shorter than ``length``, when the caller already
+    knows it (from the host sync that sized ``length``); None reads it off ``lengths``,
+    one more host sync.
+    """
+    if padded is None:
+        padded = not bool((lengths == length).all())
+    if not padded:
         return None
     return torch.arange(length, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
 
 
-def token_lengths(keep: Tensor | None, batch: int, length: int, device: torch.device) -> Tensor:
-    """(B,) real tokens per image (cls included) from a front-packed keep mask."""
-    if keep is None:
-        return torch.full((batch,), length, dtype=torch.long, device=device)
-    return keep.sum(1)
+def inverse_permutation(order: Tensor) -> Tensor:
+    """(B, T) long permutations -> their inverses: ``out[b, order[b, i]] = i``, i.e. the
+    rank of every element in the order (one scatter, no sort)."""
+    ranks = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, ranks)

@@ -18,6 +18,9 @@ h x w grid of any aspect works, and for an odd side the windows tile the largest
 top-left sub-grid while the last row and/or column stay unmerged tokens (they
 appear in raster order among the unmerged tokens). A grid with a side of 1 has no
 windows and passes unchanged.
+
+Host syncs: one per step (:func:`local_merge` reads the fewest and most merged windows
+at once: whether to merge at all, the size of the output, whether it is padded).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from algm.merging.index_map import compose_source, keep_mask
+from algm.merging.index_map import compose_source, inverse_permutation, keep_mask
 from algm.reduction import TokenState
 
 _PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
@@ -87,22 +90,20 @@ def select_windows(scores: Tensor, tau: float, per_image: bool) -> Tensor:
 
 def _descending_rank(scores: Tensor) -> Tensor:
     """(B, W) -> (B, W) long, 0 for the highest score (ties: lower index first)."""
-    order = scores.argsort(dim=1, descending=True, stable=True)
-    ranks = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, ranks)
+    return inverse_permutation(scores.argsort(dim=1, descending=True, stable=True))
 
 
-def local_plan(merge: Tensor, scores: Tensor, windows: Tensor, n_patches: int
-               ) -> tuple[Tensor, Tensor, Tensor]:
+def local_plan(merge: Tensor, scores: Tensor, windows: Tensor, n_patches: int, length: int
+               ) -> tuple[Tensor, Tensor]:
     """Where every token goes and where every output token comes from.
 
-    merge, scores: (B, W); windows: (W, 4); n_patches: N. Returns
+    merge, scores: (B, W); windows: (W, 4); n_patches: N; length: T', the longest
+    image's ``1 + N - 3 k`` (k its merged windows). Returns
 
     * ``dest``: (B, 1 + N) long, old token -> new token (cls 0, merged windows
       1 .. k in descending score, then unmerged patches in raster order);
     * ``take``: (B, T') long, for each output slot the index into the pool
-      ``[old tokens (1 + N) | window means (W)]`` (padding slots point at 0);
-    * ``lengths``: (B,) real tokens per image, ``1 + N - 3 k``; T' = max.
+      ``[old tokens (1 + N) | window means (W)]`` (padding slots point at 0).
     """
     b, nw = merge.shape
     device = merge.device
@@ -121,8 +122,6 @@ def local_plan(merge: Tensor, scores: Tensor, windows: Tensor, n_patches: int
     dest_patch = torch.where(unmerged, 1 + k.unsqueeze(1) + pos, 1 + rank.gather(1, wid))
     dest = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=device), dest_patch], 1)
 
-    lengths = 1 + n_patches - 3 * k
-    length = int(lengths.max())
     trash = length
     slots = torch.where(unmerged, dest_patch, torch.full_like(dest_patch, trash))
     win_slots = torch.where(merge, 1 + rank, torch.full_like(rank, trash))
@@ -132,7 +131,7 @@ def local_plan(merge: Tensor, scores: Tensor, windows: Tensor, n_patches: int
     ], 1)
     take = torch.zeros(b, length + 1, dtype=torch.long, device=device)
     take = take.scatter(1, torch.cat([slots, win_slots], 1), values)[:, :length]
-    return dest, take, lengths
+    return dest, take
 
 
 def local_merge(state: TokenState, tau: float, per_image: bool = False) -> TokenState:
@@ -156,11 +155,14 @@ def local_merge(state: TokenState, tau: float, per_image: bool = False) -> Token
     xw = gather_windows(state.x[:, 1:], state.grid)  # (B, W, 4, D)
     scores = window_scores(xw)
     merge = select_windows(scores, tau, per_image)
-    if not bool(merge.any()):
+    k = merge.sum(1)
+    # the step's one host sync: merge at all?, output size, padded?
+    fewest, most = torch.stack([k.min(), k.max()]).tolist()
+    if most == 0:
         return state
-    dest, take, lengths = local_plan(merge, scores, windows, n)
-    length = take.shape[1]
-    keep = keep_mask(lengths, length)
+    length = 1 + n - 3 * fewest
+    dest, take = local_plan(merge, scores, windows, n, length)
+    keep = keep_mask(1 + n - 3 * k, length, fewest < most)
     nw = windows.shape[0]
     # pool = [tokens | window means | a zero row for padding], gathered row-wise
     pool = torch.cat([state.x, xw.mean(2), state.x.new_zeros(b, 1, d)], 1)

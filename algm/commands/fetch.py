@@ -1,0 +1,56 @@
+"""``algm-bench fetch``: download the public checkpoints (and data) of a dataset."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import suites
+from algm.config import DATASETS
+
+DEFAULT_MANIFEST = Path(suites.__file__).resolve().with_name("zoo.yaml")
+
+
+def comma_list(text: str) -> list[str]:
+    """argparse type: ``"a,b"`` -> ["a", "b"]."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of names, got {text!r}")
+    return names
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fetch", help="download the public Segmenter / ALGM checkpoints and the data set",
+        description="Download a dataset's public checkpoints (suites/zoo.yaml) into "
+                    "<checkpoints>/<dataset>/<backbone>/<method>/{checkpoint.pth,variant.yml} "
+                    "(method 'none': the Segmenter baseline) and, with --data, the data set into "
+                    "the data root. Partial downloads resume; each file is checked against the "
+                    "manifest's checksum, else against the sha256 pinned on its first download "
+                    "in <root>/zoo.lock.json. Files already in place are checked, not fetched.",
+    )
+    p.add_argument("--dataset", required=True, choices=list(DATASETS), help="dataset of the checkpoints")
+    p.add_argument("--backbones", type=comma_list, default=None,
+                   help="only these backbones, e.g. vit-s16,vit-b16 (default: all in the manifest)")
+    p.add_argument("--data", action="store_true", help="also download and extract the data set")
+    p.add_argument("--checkpoints", default=None,
+                   help="checkpoints root (default: $ALGM_BENCH_CHECKPOINTS, else "
+                        "$ALGM_BENCH_CACHE/checkpoints)")
+    p.add_argument("--data-root", default=None, help="data root for --data (default: $DATA_ROOT)")
+    p.add_argument("--manifest", default=str(DEFAULT_MANIFEST),
+                   help="manifest YAML; its URLs may be local files downloaded by hand "
+                        "(default: suites/zoo.yaml)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from algm.fetch import fetch
+
+    fetched = fetch(args.dataset, args.manifest, backbones=args.backbones, data=args.data,
+                    checkpoints_root=args.checkpoints, data_root=args.data_root,
+                    progress=not args.no_progress)
+    for item in fetched:
+        digest = f"sha256 {item.sha256[:12]}" if item.sha256 else ""
+        print(f"{item.status:<10} {item.path}  {digest}".rstrip())
+    return 0

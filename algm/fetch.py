@@ -1,0 +1,384 @@
+"""Download the public checkpoints and data sets of a manifest (``suites/zoo.yaml``).
+
+Checkpoints land in ``<checkpoints root>/<dataset>/<backbone>/<method>/<file>`` (the
+layout ``bench --checkpoints`` reads: ``method`` is ``none`` for the Segmenter baseline,
+else the method the weights were trained with); data lands in ``<data root>/``, a zip
+extracted there so that ``<data root>/<extracts_to>`` exists (the layout
+``algm.data.datasets`` reads).
+
+Sources: ``http(s)://`` URLs through pooch, Google Drive links through gdown, and local
+files (``file://`` URLs or plain paths, relative ones to the manifest's folder) for
+users who downloaded by hand. pooch downloads into a fresh temporary file each time, so
+HTTP goes through :class:`ResumingHTTPDownloader`, a pooch downloader that keeps the
+bytes received so far in ``.<name>.part`` beside the target and asks for the rest with a
+``Range`` request; gdown resumes Drive downloads itself.
+
+Checksums: a file must match the manifest's ``sha256`` (else its ``sha1``) where given;
+otherwise the sha256 of its first download is pinned in ``<root>/zoo.lock.json`` and
+checked from then on. pooch checks the hash before it moves the download into place, so
+a corrupted download leaves nothing at the target (nor a partial file to resume).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import unquote, urlparse
+
+import gdown
+import pooch
+import requests
+import yaml
+from tqdm import tqdm
+
+from algm.atomic import write_json
+from algm.cache import cache_dir
+
+LOCK_NAME = "zoo.lock.json"
+CHECKPOINTS_ENV = "ALGM_BENCH_CHECKPOINTS"
+TIMEOUT_S = 30  # per connect / per read; a silent server is "offline", not a hang
+CHUNK = 1 << 16  # bytes per read; a dropped connection loses at most the chunk in flight
+
+
+class FetchError(ConnectionError):
+    """A download that could not complete; the message names the URL and the manual step."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One file of the manifest: its source and where it lands (``root / relpath``).
+
+    ``url`` None: no public download (``note`` says how to get it). ``extracts_to``: the
+    file is a zip holding that folder, to be extracted into ``root``."""
+
+    url: str | None
+    root: Path
+    relpath: str
+    sha256: str | None = None
+    sha1: str | None = None
+    extracts_to: str | None = None
+    note: str | None = None
+
+    @property
+    def target(self) -> Path:
+        return self.root / self.relpath
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A file or extracted folder in place. ``status``: downloaded, present or extracted;
+    ``sha256`` of the file (None for a folder found already extracted)."""
+
+    path: Path
+    sha256: str | None
+    status: str
+
+
+def checkpoints_dir(path: str | Path | None = None) -> Path:
+    """The checkpoints root: ``path``, else ``$ALGM_BENCH_CHECKPOINTS``, else ``<cache>/checkpoints``."""
+    if path is not None:
+        return Path(path)
+    return Path(os.environ.get(CHECKPOINTS_ENV) or cache_dir("checkpoints"))
+
+
+def data_dir(path: str | Path | None = None) -> Path:
+    """The data root: ``path``, else ``$DATA_ROOT`` (no default: the data is large)."""
+    path = path if path is not None else os.environ.get("DATA_ROOT") or None
+    if path is None:
+        raise ValueError("no data root: pass --data-root (data_root=) or set DATA_ROOT")
+    return Path(path)
+
+
+def layout_dir(root: str | Path, dataset: str, backbone: str, method: str) -> Path:
+    """The folder holding ``checkpoint.pth`` and ``variant.yml`` of one model."""
+    return Path(root) / dataset / backbone / method
+
+
+def fetch(dataset: str, manifest: str | Path, backbones: list[str] | None = None, data: bool = False,
+          checkpoints_root: str | Path | None = None, data_root: str | Path | None = None,
+          progress: bool = True) -> list[Fetched]:
+    """Put the manifest's checkpoints of ``dataset`` (only ``backbones`` if given) and,
+    with ``data``, its data set in place; return what is in place, in manifest order.
+
+    Raises FetchError (offline, HTTP error), ValueError (checksum mismatch, bad manifest
+    or selection) and FileNotFoundError (no public download, missing local source)."""
+    items = select(load_manifest(manifest), Path(manifest).resolve().parent, dataset, backbones,
+                   checkpoints_root=checkpoints_dir(checkpoints_root),
+                   data_root=data_dir(data_root) if data else None)
+    return [fetch_item(item, progress) for item in items]
+
+
+def load_manifest(path: str | Path) -> dict:
+    """The manifest YAML, its entries checked for the keys :func:`select` reads."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} not found")
+    manifest = yaml.safe_load(path.read_text()) or {}
+    required = {"checkpoints": ("dataset", "backbone", "method", "files"), "data": ("dataset", "url")}
+    for section, keys in required.items():
+        for i, entry in enumerate(manifest.get(section) or []):
+            needed = keys + (("file",) if section == "data" and entry.get("url") else ())
+            missing = [k for k in needed if k not in entry]
+            if missing:
+                raise ValueError(f"{path}: {section}[{i}] lacks {', '.join(missing)}")
+    return manifest
+
+
+def select(manifest: dict, base: Path, dataset: str, backbones: list[str] | None,
+           checkpoints_root: Path, data_root: Path | None) -> list[Item]:
+    """The items to fetch: checkpoints of ``dataset`` (of ``backbones`` if given), then
+    its data if ``data_root`` is given. ``base`` resolves relative local sources."""
+    entries = [e for e in manifest.get("checkpoints") or [] if e["dataset"] == dataset]
+    if not entries and data_root is None:
+        raise ValueError(f"the manifest has no checkpoints for {dataset}")
+    if backbones is not None:
+        known = sorted({e["backbone"] for e in entries})
+        unknown = [b for b in backbones if b not in known]
+        if unknown:
+            raise ValueError(f"no {dataset} checkpoints for {', '.join(unknown)} in the manifest; "
+                             f"it has: {', '.join(known) or 'none'}")
+        entries = [e for e in entries if e["backbone"] in backbones]
+    items = [Item(_resolve(spec.get("url"), base), checkpoints_root,
+                  layout_dir("", e["dataset"], e["backbone"], e["method"]).joinpath(name).as_posix(),
+                  spec.get("sha256"), spec.get("sha1"),
+                  note=e.get("note") or f"published in {e.get('published_in', 'the manifest')}")
+             for e in entries for name, spec in e["files"].items()]
+    if data_root is not None:
+        found = [e for e in manifest.get("data") or [] if e["dataset"] == dataset]
+        if not found:
+            raise ValueError(f"the manifest has no data entry for {dataset}")
+        for e in found:
+            if e["url"] is None:
+                raise FileNotFoundError(f"{dataset} data has no public download: {e.get('note')}; "
+                                        f"put it under {data_root} by hand")
+            items.append(Item(_resolve(e["url"], base), data_root, e["file"], e.get("sha256"),
+                              e.get("sha1"), e.get("extracts_to"), e.get("note")))
+    return items
+
+
+def fetch_item(item: Item, progress: bool = True) -> Fetched:
+    """Download (or check) one item and extract it if it is a zip."""
+    if item.extracts_to and (item.root / item.extracts_to).is_dir():
+        return Fetched(item.root / item.extracts_to, None, "present")  # extracted whole or not at all
+    fetched = _ensure_file(item, progress)
+    if item.extracts_to:
+        return Fetched(extract(item.target, item.root, item.extracts_to), fetched.sha256, "extracted")
+    return fetched
+
+
+def _ensure_file(item: Item, progress: bool) -> Fetched:
+    """The item's file in place, checked against the manifest or lock hash, and pinned."""
+    lock = Lock(item.root)
+    pinned = lock.pinned(item.relpath)
+    expected = _expected_hash(item, pinned)
+    status = "present" if item.target.is_file() else "downloaded"
+    if status == "downloaded":
+        download(item, expected, progress)
+    sha256 = pooch.file_hash(str(item.target))
+    if status == "present" and expected is not None:
+        algorithm, digest = expected.split(":")
+        actual = sha256 if algorithm == "sha256" else pooch.file_hash(str(item.target), alg=algorithm)
+        if actual != digest:
+            raise ValueError(f"{item.target} does not match its {algorithm} {digest} "
+                             f"({'pinned in ' + str(lock.path) if pinned else 'from the manifest'}); "
+                             f"delete it to download it again")
+    if pinned is None:
+        lock.pin(item.relpath, sha256, item.url)
+    return Fetched(item.target, sha256, status)
+
+
+def _expected_hash(item: Item, pinned: str | None) -> str | None:
+    """pooch's ``known_hash``: the manifest sha256, else the pinned one, else the manifest sha1."""
+    if item.sha256 or pinned:
+        return f"sha256:{(item.sha256 or pinned).lower()}"
+    return f"sha1:{item.sha1.lower()}" if item.sha1 else None
+
+
+def download(item: Item, known_hash: str | None, progress: bool = True) -> Path:
+    """Download ``item.url`` to ``item.target``; pooch moves it there only if it matches
+    ``known_hash`` ("alg:hex", None: anything)."""
+    target = item.target
+    manual = f"download it by hand to {target}" + (
+        f" (or extract it so that {item.root / item.extracts_to} exists)" if item.extracts_to else "")
+    if item.url is None:
+        raise FileNotFoundError(f"{target}: no public download ({item.note}); {manual}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    downloader = _downloader(item.url, target, progress)
+    try:
+        with _quiet_pooch():
+            pooch.retrieve(item.url, known_hash=known_hash, fname=target.name, path=target.parent,
+                           downloader=downloader)
+    except (requests.RequestException, gdown.exceptions.DownloadError) as err:
+        raise FetchError(f"cannot download {item.url} ({_reason(err)}); {manual}, "
+                         f"then run fetch again") from err
+    except ValueError as err:  # pooch's checksum mismatch; it deleted the download
+        raise ValueError(f"{target}: the download from {item.url} failed its checksum, nothing "
+                         f"was kept: {err}") from err
+    return target
+
+
+def _downloader(url: str, target: Path, progress: bool):
+    """The pooch downloader for ``url``'s kind of source."""
+    if gdown.parse_url.is_google_drive_url(url):
+        return DriveDownloader(target, progress)
+    if urlparse(url).scheme in ("http", "https"):
+        return ResumingHTTPDownloader(target, progress)
+    return LocalCopier(_local_path(url))
+
+
+class ResumingHTTPDownloader:
+    """pooch downloader for ``target``'s URL that keeps the received bytes in
+    ``.<name>.part`` beside it between calls and asks only for the rest (``Range:
+    bytes=<size>-``); a server that ignores the range (200) sends the whole file again.
+    The finished file moves to pooch's output file, which pooch checks and renames."""
+
+    def __init__(self, target: Path, progress: bool = True):
+        self.name = target.name
+        self.partial = target.with_name(f".{target.name}.part")
+        self.progress = progress
+
+    def __call__(self, url: str, output_file: str, pooch_instance=None) -> None:
+        offset = self.partial.stat().st_size if self.partial.exists() else 0
+        # identity: byte offsets must count the bytes on disk, not a decoded stream.
+        headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={offset}-"} if offset else {})}
+        with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT_S) as response:
+            if offset and (response.status_code == 416 or (response.status_code == 206
+                                                           and _range_start(response) != offset)):
+                if response.status_code == 416 and _range_total(response) == offset:
+                    os.replace(self.partial, output_file)  # the partial already holds it all
+                    return
+                self.partial.unlink()  # longer than the file, or a range we did not ask for
+                return self(url, output_file, pooch_instance)
+            response.raise_for_status()
+            resumed = offset if response.status_code == 206 else 0
+            length = int(response.headers.get("content-length", 0))
+            with open(self.partial, "ab" if resumed else "wb") as out, \
+                    tqdm(total=resumed + length or None, initial=resumed, unit="B", unit_scale=True,
+                         desc=self.name, disable=not self.progress) as bar:
+                for chunk in response.iter_content(CHUNK):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        os.replace(self.partial, output_file)
+
+
+class DriveDownloader:
+    """pooch downloader for a Google Drive link: gdown writes ``.<name>.gdown`` beside
+    ``target`` (resuming its own ``.part`` file there), then it moves to pooch's output file."""
+
+    def __init__(self, target: Path, progress: bool = True):
+        self.staged = target.with_name(f".{target.name}.gdown")
+        self.progress = progress
+
+    def __call__(self, url: str, output_file: str, pooch_instance=None) -> None:
+        gdown.download(url, str(self.staged), quiet=not self.progress, resume=True, timeout=TIMEOUT_S)
+        os.replace(self.staged, output_file)
+
+
+class LocalCopier:
+    """pooch downloader for a file already on disk (downloaded by hand)."""
+
+    def __init__(self, source: Path):
+        self.source = source
+
+    def __call__(self, url: str, output_file: str, pooch_instance=None) -> None:
+        if not self.source.is_file():
+            raise FileNotFoundError(f"local source {self.source} (manifest url {url!r}) not found")
+        shutil.copyfile(self.source, output_file)
+
+
+def extract(archive: Path, root: Path, folder: str) -> Path:
+    """Unzip ``archive`` so that ``root/folder`` appears whole or not at all: it is
+    extracted beside it first and renamed into place (an interrupted extraction must
+    not look finished)."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder}.", dir=root))
+    try:
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(staging)  # zipfile drops absolute and ".." member paths
+        except zipfile.BadZipFile as err:
+            raise ValueError(f"{archive} is not a valid zip ({err}); delete it to download it again") from err
+        if not (staging / folder).is_dir():
+            raise ValueError(f"{archive} does not hold the folder {folder}/ the manifest expects")
+        os.replace(staging / folder, root / folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return root / folder
+
+
+class Lock:
+    """``<root>/zoo.lock.json``: ``{relpath: {"sha256", "url"}}``, the hash each file
+    had on its first download (written atomically on every pin)."""
+
+    def __init__(self, root: Path):
+        self.path = Path(root) / LOCK_NAME
+        try:
+            self.entries = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{self.path} is not valid JSON ({err}); fix or delete it") from err
+
+    def pinned(self, relpath: str) -> str | None:
+        return self.entries.get(relpath, {}).get("sha256")
+
+    def pin(self, relpath: str, sha256: str, url: str | None) -> None:
+        self.entries[relpath] = {"sha256": sha256, "url": url}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.path, self.entries)
+
+
+def _resolve(url: str | None, base: Path) -> str | None:
+    """A plain relative path in the manifest is relative to the manifest's folder."""
+    if url is None or urlparse(url).scheme or Path(url).is_absolute():
+        return url
+    return str(base / url)
+
+
+def _local_path(url: str) -> Path:
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme and len(parsed.scheme) > 1:  # (one letter: a Windows drive)
+        raise ValueError(f"unsupported URL scheme {parsed.scheme!r} in {url!r}: use http(s), "
+                         f"a Google Drive link, file:// or a local path")
+    return Path(url)
+
+
+def _range_start(response: requests.Response) -> int | None:
+    match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+    return int(match.group(1)) if match else None
+
+
+def _range_total(response: requests.Response) -> int | None:
+    match = re.search(r"/(\d+)$", response.headers.get("Content-Range", ""))
+    return int(match.group(1)) if match else None
+
+
+def _reason(err: Exception) -> str:
+    """A few words for a failed request: "Connection refused", "timed out", "HTTP 404 Not Found"."""
+    if isinstance(err, requests.HTTPError) and err.response is not None:
+        return f"HTTP {err.response.status_code} {err.response.reason}"
+    if isinstance(err, requests.Timeout):
+        return "timed out"
+    match = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(err))
+    return match.group(1).strip() if match else (str(err).splitlines() or [type(err).__name__])[0]
+
+
+@contextlib.contextmanager
+def _quiet_pooch() -> Iterator[None]:
+    """pooch logs each download and, without a known hash, advice for its own API; our
+    callers print their own lines."""
+    logger = pooch.get_logger()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -1,0 +1,286 @@
+"""The frozen-encoder feature cache: final token states of every training window.
+
+The encoder (and the token-reduction method inside it) is frozen while a decoder head
+trains, so its output for a training window never changes: :func:`extract_features`
+runs it once per window (batch 1, i.e. per-image merging even for methods whose batched
+merging couples the images of a batch) and stores the *final* token state on disk:
+``x`` (T, D) fp16 with cls, ``size`` (T,), ``source`` (N,), ``keep`` (T,) or None, the
+patch ``grid``, the method's ``aux`` payload and the window's ``label`` (h, w). For a
+reducing method these are the *reduced* tokens, so the decoder trains on exactly what
+it sees at test time ("trained with the method").
+
+Windows are :func:`algm.data.windows.tiles`: the image at the test scale, padded to the
+window, tiled with stride = window (CamVid: 480x360 -> 448x336 = exactly one window).
+
+The cache entry is keyed by :func:`feature_identity`: backbone config, a fingerprint of
+the encoder and method weights, dataset, split, the frames used, window, method name +
+``settings()``, the flip copy and the storage format. Another method setting (ALGM's
+tau, ToMe's r, ...) therefore never reuses stale features. One file per frame, so an
+interrupted extraction continues where it stopped.
+
+``aux`` (e.g. pruning's exit predictions, needed by the method's ``restore``) is a
+tensor or a dataclass of batch-first tensors. In memory an item holds it as is (CPU
+tensors, batch 1) and :func:`collate` concatenates it into ``type(aux)``. On disk (read
+with ``weights_only``) it is plain tensors plus the class's ``module:qualname``, which
+is resolved among the classes beside the method's own class (its module or a base's):
+nothing is imported by name, and a payload class the method does not own is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from algm import atomic
+from algm.build import Setup
+from algm.data.windows import tiles
+from algm.reduction import TokenReduction, TokenState
+from algm.training.keys import cache_folder, cache_label, digest, weights_fingerprint
+
+FEATURES_FORMAT = "algm-bench/head-features/v1"
+
+
+@dataclass
+class FeatureCache:
+    """Cached encoder outputs of one split: ``items`` (one dict per window) in memory."""
+
+    path: Path
+    items: list[dict]
+    extract_seconds: float  # wall time of this call's encoding, 0 when all came from disk
+    extract_cpu_seconds: float = 0.0  # process CPU time of the same
+
+
+def open_split(setup: Setup, split: str, dataset=None, root: str | Path | None = None,
+               limit: int | None = None):
+    """``dataset`` (its first ``limit`` samples), else ``build_dataset(setup.dataset.name,
+    split, root, limit)``; either way with ``n_cls`` and ``ignore_index``."""
+    if dataset is not None:
+        if limit is not None:
+            from torch.utils.data import Subset
+
+            sub = Subset(dataset, range(min(limit, len(dataset))))
+            sub.n_cls, sub.ignore_index = dataset.n_cls, dataset.ignore_index
+            return sub
+        return dataset
+    from algm.data.datasets import build_dataset
+
+    return build_dataset(setup.dataset.name, split, root=root, limit=limit)
+
+
+def frame_names(dataset) -> list[str]:
+    """Names of the frames of ``dataset`` (from its file list where it has one)."""
+    files = getattr(dataset, "files", None)
+    if files is not None:
+        return [str(f[2]) for f in files]
+    return [str(dataset[i].name) for i in range(len(dataset))]
+
+
+def feature_identity(setup: Setup, split: str, names: Sequence[str], flip: bool) -> dict:
+    """Everything the cached encoder outputs depend on (hashed into the feature key)."""
+    method = setup.model.method
+    return {
+        "format": FEATURES_FORMAT,
+        "backbone": asdict(setup.backbone),
+        "weights": weights_fingerprint(setup.model.encoder, method),
+        "dataset": setup.dataset.name,
+        "split": split,
+        "frames": digest(list(names)),
+        "n_frames": len(names),
+        "window": list(setup.window),
+        "method": method.name,
+        "settings": method.settings(),
+        "flip": bool(flip),
+    }
+
+
+# ------------------------------------------------------------------ aux payload
+def _cpu_aux(aux: Any) -> Any:
+    """``state.aux`` of one window with its tensors on the CPU; refuses what cannot be cached."""
+    if aux is None:
+        return None
+    if isinstance(aux, Tensor):
+        return aux.detach().cpu()
+    if dataclasses.is_dataclass(aux) and not isinstance(aux, type):
+        fields = {f.name: getattr(aux, f.name) for f in dataclasses.fields(aux)}
+        if all(isinstance(v, Tensor) for v in fields.values()):
+            return type(aux)(**{k: v.detach().cpu() for k, v in fields.items()})
+    raise ValueError(
+        f"cannot cache the method's state.aux of type {type(aux).__name__}: train_head caches a "
+        f"tensor or a dataclass of batch-first tensors; train this method's head off-the-shelf "
+        f"(with method 'none') instead")
+
+
+def _aux_record(aux: Any) -> dict | None:
+    """An in-memory aux as plain tensors for ``torch.save`` (loadable with weights_only)."""
+    if aux is None:
+        return None
+    if isinstance(aux, Tensor):
+        return {"type": "tensor", "fields": {"value": aux}}
+    cls = type(aux)
+    return {"type": f"{cls.__module__}:{cls.__qualname__}",
+            "fields": {f.name: getattr(aux, f.name) for f in dataclasses.fields(aux)}}
+
+
+def _aux_class(method: TokenReduction, name: str) -> type:
+    """The dataclass called ``name`` (``module:qualname``) in the module of the method's
+    class or of one of its bases."""
+    module_name, qualname = name.split(":")
+    for klass in type(method).__mro__:
+        module = inspect.getmodule(klass)
+        if module is None or module.__name__ != module_name:
+            continue
+        obj: Any = module
+        for part in qualname.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, type) and dataclasses.is_dataclass(obj):
+            return obj
+    raise ValueError(f"cached aux payload {name} is not a dataclass beside method "
+                     f"{type(method).__qualname__}; delete the feature cache")
+
+
+def _aux_from_record(record: dict | None, method: TokenReduction) -> Any:
+    if record is None:
+        return None
+    if record["type"] == "tensor":
+        return record["fields"]["value"]
+    return _aux_class(method, record["type"])(**record["fields"])
+
+
+def _batch_aux(auxes: list[Any], device: torch.device) -> Any:
+    """The aux payloads of several windows concatenated on dim 0 (same type for all)."""
+    if all(a is None for a in auxes):
+        return None
+    if len({type(a) for a in auxes}) != 1:
+        raise ValueError("cached windows disagree on the method's aux payload")
+    if isinstance(auxes[0], Tensor):
+        return torch.cat(auxes).to(device)
+    names = [f.name for f in dataclasses.fields(auxes[0])]
+    return type(auxes[0])(**{k: torch.cat([getattr(a, k) for a in auxes]).to(device) for k in names})
+
+
+# ------------------------------------------------------------------ extraction
+def _label_dtype(n_cls: int, ignore_index: int) -> torch.dtype:
+    return torch.uint8 if max(n_cls - 1, ignore_index) <= 255 and ignore_index >= 0 else torch.long
+
+
+@torch.no_grad()
+def _encode(setup: Setup, image: Tensor, label: Tensor, label_dtype: torch.dtype) -> dict:
+    """One window (1, 3, h, w) with its label (1, h, w) -> a cache item (see module doc)."""
+    state, _ = setup.model.encoder(image, setup.model.method, label)
+    n = state.grid[0] * state.grid[1]
+    return {
+        "x": state.x[0].to(torch.float16).cpu(),
+        "size": state.size[0].float().cpu(),
+        "source": state.source[0].to(torch.int32 if n < 2 ** 31 else torch.long).cpu(),
+        "keep": None if state.keep is None else state.keep[0].cpu(),
+        "grid": list(state.grid),
+        "aux": _cpu_aux(state.aux),
+        "label": label[0].to(label_dtype).cpu(),
+    }
+
+
+def _encode_frame(setup: Setup, sample, ignore_index: int, label_dtype: torch.dtype, flip: bool) -> list[dict]:
+    """Cache items of every training window of one frame (and of its flipped copy)."""
+    items = []
+    for image, label in tiles(sample.image, setup.window, setup.backbone.mean, setup.backbone.std,
+                              sample.label, ignore_index):
+        items.append(_encode(setup, image, label, label_dtype))
+        if flip:
+            items.append(_encode(setup, image.flip(-1), label.flip(-1), label_dtype))
+    return items
+
+
+def _read_frame(file: Path, method: TokenReduction) -> list[dict] | None:
+    """The items of a frame file, or None if it is missing or truncated (redo it)."""
+    if not file.is_file():
+        return None
+    try:
+        items = torch.load(file, map_location="cpu", weights_only=True)["items"]
+    except Exception:  # a damaged file (e.g. a full disk) is a cache miss
+        file.unlink()
+        return None
+    return [{**it, "aux": _aux_from_record(it["aux"], method)} for it in items]
+
+
+def extract_features(setup: Setup, split: str = "train", *, flip: bool = False, dataset=None,
+                     root: str | Path | None = None, limit: int | None = None,
+                     cache: str | Path | None = None, progress: bool = True) -> FeatureCache:
+    """Run the frozen encoder (with ``setup.model.method``) once per training window and
+    cache the final token states; later calls read them from disk.
+
+    ``dataset``: samples (``.image`` uint8 (3,H,W), ``.label`` (H,W), ``.name``) with
+    ``n_cls``/``ignore_index``, instead of ``build_dataset(setup.dataset.name, split,
+    root, limit)``. ``cache``: root folder instead of ``cache_dir()`` (tests).
+    """
+    data = open_split(setup, split, dataset, root, limit)
+    identity = feature_identity(setup, split, frame_names(data), flip)
+    path = cache_folder(cache, "features", f"{cache_label(setup, split)}-{digest(identity)}")
+    label_dtype = _label_dtype(data.n_cls, data.ignore_index)
+    method = setup.model.method
+    was_training = setup.model.training
+    setup.model.eval()
+    start, cpu = time.perf_counter(), time.process_time()
+    encoded = 0
+    items: list[dict] = []
+    try:
+        for i in tqdm(range(len(data)), desc=f"features {split}", unit="img", disable=not progress):
+            file = path / f"{i:06d}.pt"
+            frame = _read_frame(file, method)
+            if frame is None:
+                sample = data[i]
+                frame = _encode_frame(setup, sample, data.ignore_index, label_dtype, flip)
+                atomic.save_torch({"format": FEATURES_FORMAT, "name": str(sample.name),
+                                   "items": [{**it, "aux": _aux_record(it["aux"])} for it in frame]}, file)
+                encoded += 1
+            items.extend(frame)
+    finally:
+        setup.model.train(was_training)
+    seconds = time.perf_counter() - start if encoded else 0.0
+    cpu_seconds = time.process_time() - cpu if encoded else 0.0
+    done = path / "index.json"
+    if not done.is_file():
+        atomic.write_json(done, {**identity, "n_items": len(items), "extract_seconds": seconds,
+                                 "extract_cpu_seconds": cpu_seconds})
+    return FeatureCache(path=path, items=items, extract_seconds=seconds, extract_cpu_seconds=cpu_seconds)
+
+
+# ------------------------------------------------------------------ batching
+def collate(items: Sequence[dict], device: torch.device | str = "cpu",
+            multiple: int = 1) -> tuple[TokenState, Tensor]:
+    """Cached windows -> one padded :class:`TokenState` (B, T, D) and labels (B, h, w).
+
+    Shorter token sequences are padded at the end and marked ``keep=False`` (the mask
+    decoder ignores them; ``source`` never points at them). T is the longest length,
+    rounded up to ``multiple`` when the batch needs padding at all."""
+    b = len(items)
+    lengths = [it["x"].shape[0] for it in items]
+    t_max = max(lengths)
+    if min(lengths) < t_max:
+        t_max = -(-t_max // multiple) * multiple
+    d = items[0]["x"].shape[1]
+    grids = {tuple(it["grid"]) for it in items}
+    if len(grids) != 1:
+        raise ValueError(f"cached windows have different grids {sorted(grids)}")
+    x = torch.zeros(b, t_max, d)
+    size = torch.zeros(b, t_max)
+    keep = torch.zeros(b, t_max, dtype=torch.bool)
+    for i, it in enumerate(items):
+        t = it["x"].shape[0]
+        x[i, :t] = it["x"].float()
+        size[i, :t] = it["size"]
+        keep[i, :t] = True if it["keep"] is None else it["keep"]
+    source = torch.stack([it["source"].long() for it in items])
+    labels = torch.stack([it["label"].long() for it in items])
+    device = torch.device(device)
+    state = TokenState(x=x.to(device), size=size.to(device), source=source.to(device),
+                       grid=grids.pop(), keep=None if bool(keep.all()) else keep.to(device),
+                       aux=_batch_aux([it["aux"] for it in items], device))
+    return state, labels.to(device)
