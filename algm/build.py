@@ -24,7 +24,7 @@ DEFAULT_DATASET = "camvid"
 
 
 # dataset_kwargs.dataset of official variant.yml files -> the suite's dataset names.
-VARIANT_DATASETS = {"ade20k": "ade20k", "cityscapes": "cityscapes", "pascal_context": "pascal",
+VARIANT_DATASETS = {"camvid": "camvid", "ade20k": "ade20k", "cityscapes": "cityscapes", "pascal_context": "pascal",
                     "pascal": "pascal", "coco_stuff": "cocostuff", "cocostuff": "cocostuff"}
 
 
@@ -157,12 +157,12 @@ def _checkpoint_setup(path: Path, backbone: str | None, dataset: str | None, met
     model, info = load_checkpoint(path, trusted=trusted)
     cfg = replace(model.encoder.cfg, name=facts.backbone)
     model.encoder.cfg = cfg  # our backbone name: methods look their defaults up by it
-    window = tuple(window) if window is not None else (info.window_size, info.window_size)
+    window = tuple(window) if window is not None else info.window
     check_window(window, cfg.patch_size)
     model = model.with_method(build_method(method, cfg, facts.dataset, **method_options))
     weights = Weights("checkpoint", str(path), checkpoint_sha256(path)[:12])
     return Setup(model=model.eval(), backbone=cfg, dataset=facts.dataset, window=window,
-                 stride=(info.window_stride, info.window_stride), weights=weights)
+                 stride=info.stride, weights=weights)
 
 
 def checkpoint_sha256(path: str | Path) -> str:

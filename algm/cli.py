@@ -10,12 +10,13 @@ import argparse
 import sys
 
 from algm import distributed
-from algm.commands import bench, fetch, flops, predict, throughput, train_head, train_policy, train_prune_heads
+from algm.commands import (bench, fetch, finetune, flops, predict, throughput, train_head, train_policy,
+                           train_prune_heads)
 from algm.commands import eval as eval_command  # (not the builtin)
 
 # Each module's register(sub) adds its subcommand(s) to the parser.
-COMMANDS = (flops, throughput, eval_command, bench, predict, train_head, train_policy, train_prune_heads,
-            fetch)
+COMMANDS = (flops, throughput, eval_command, bench, predict, train_head, finetune, train_policy,
+            train_prune_heads, fetch)
 
 
 class Parser(argparse.ArgumentParser):

@@ -15,17 +15,18 @@ import yaml
 from algm.config import get_backbone, get_dataset
 from algm.data.windows import BATCH_KINDS
 from algm.methods import method_config, methods
+from algm.training.finetune import FinetuneConfig
 
 SUITES_DIR = Path(__file__).resolve().parent
 SUITE_KEYS = {"dataset", "split", "backbones", "decoder", "windows", "flops_images", "miou_images",
-              "throughput", "window_batch_size", "published", "gallery", "methods"}
+              "throughput", "window_batch_size", "published", "gallery", "methods", "finetune"}
 PUBLISHED_CELLS = ("gflops", "miou", "speedup")
 
 
 @dataclass(frozen=True)
 class Throughput:
     """Timing settings; ``contended_retries``: re-timings of a CPU measurement that
-    competed with other processes (see :func:`suites.runner._throughput`)."""
+    competed with other processes (see :func:`suites.measure._throughput`)."""
 
     batch_sizes: tuple[int, ...] = (1, 8)
     batch_kind: str = "mixed"
@@ -46,15 +47,19 @@ class Throughput:
 
 @dataclass(frozen=True)
 class Setting:
-    """One row: a method with fixed knobs. ``train`` also trains a head with it active."""
+    """One row: a method with fixed knobs. ``train`` also trains a head with it active;
+    ``batch`` (None: one image at a time) measures tokens, GFLOPs and mIoU on mixed
+    batches of that many images and adds it to the timed batch sizes."""
 
     method: str
     options: dict = field(default_factory=dict)
     train: bool = False
+    batch: int | None = None
 
     def label(self) -> str:
-        knobs = ", ".join(f"{k}={v}" for k, v in sorted(self.options.items()))
-        return f"{self.method}({knobs})" if knobs else self.method
+        knobs = {**self.options, **({"batch": self.batch} if self.batch is not None else {})}
+        text = ", ".join(f"{k}={v}" for k, v in sorted(knobs.items()))
+        return f"{self.method}({text})" if text else self.method
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,9 @@ class Suite:
     window_batch_size: int = 1  # windows of one image per forward at evaluation (authors: 4)
     published: dict = field(default_factory=dict)  # backbone -> setting -> {gflops, miou, speedup}
     gallery: bool = False  # token-map gallery of fixed CamVid frames in the report
+    # Fine-tune every backbone with ``none`` and with each setting marked ``train`` before
+    # measuring (suites.runner.finetune_models); None: no fine-tuning.
+    finetune: FinetuneConfig | None = None
 
     def window_for(self, backbone: str) -> tuple[int, int] | None:
         window = self.windows.get(backbone)
@@ -108,8 +116,9 @@ def load_suite(name_or_path: str) -> Suite:
             for entry in sweep or [{}]:
                 entry = dict(entry or {})
                 train = bool(entry.pop("train", False))
+                batch = _batch(method, entry.pop("batch", None))
                 method_config(method, **entry)  # option names and values, checked before any row runs
-                settings.append(Setting(method, entry, train))
+                settings.append(Setting(method, entry, train, batch))
         windows = {b: [int(v) for v in w] for b, w in (raw.get("windows") or {}).items()}
         return Suite(
             name=path.stem, dataset=raw["dataset"], split=raw.get("split", "val"),
@@ -123,9 +132,43 @@ def load_suite(name_or_path: str) -> Suite:
             window_batch_size=int(raw.get("window_batch_size", 1)),
             published=_published(raw.get("published") or {}),
             gallery=bool(raw.get("gallery", False)),
+            finetune=_finetune(raw, settings),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path}: invalid suite: {err}") from None
+
+
+def _finetune(raw: dict, settings: list[Setting]) -> FinetuneConfig | None:
+    """The ``finetune:`` mapping as a :class:`FinetuneConfig`, checked against the
+    backbones' depth and the checkpoint layout (one fine-tuned model per method)."""
+    table = raw.get("finetune")
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise ValueError(f"finetune must be a mapping of {', '.join(FinetuneConfig.__dataclass_fields__)}")
+    unknown = sorted(set(table) - set(FinetuneConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"finetune: unknown key(s) {', '.join(unknown)}; valid: "
+                         f"{', '.join(FinetuneConfig.__dataclass_fields__)}")
+    config = FinetuneConfig(**table)
+    for b in raw["backbones"]:
+        config.check_depth(get_backbone(b).depth, b)
+    trained = [s.method for s in settings if s.train]
+    twice = sorted({m for m in trained if trained.count(m) > 1})
+    if twice:
+        raise ValueError(f"finetune: methods.{twice[0]} marks more than one setting train; a suite "
+                         f"fine-tunes one model per method (DIR/<dataset>/<backbone>/<method>/)")
+    return config
+
+
+def _batch(method: str, value) -> int | None:
+    """A setting's reserved ``batch`` key: None (absent) or a whole number >= 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"methods.{method}: batch must be a whole number >= 1 (images per mixed batch), "
+                         f"got {value!r}")
+    return value
 
 
 def _published(table: dict) -> dict:

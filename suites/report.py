@@ -48,7 +48,10 @@ def columns(df: pd.DataFrame) -> list[tuple]:
     for b in batch_sizes(df):
         speed += [(f"ims_b{b}", f"im/s b{b}", "{:.2f}", "max"),
                   (f"speedup_b{b}", f"speed-up b{b}", "{:.2f}x", "max")]
-    return HEAD_COLUMNS + speed + BREAKDOWN_COLUMNS + TAIL_COLUMNS
+    tail = TAIL_COLUMNS
+    if _finetuned(df).any():  # the trained column holds whole models fine-tuned with the method
+        tail = [(c, "mIoU fine-tuned w/ method" if c == "miou_trained" else h, f, r) for c, h, f, r in tail]
+    return HEAD_COLUMNS + speed + BREAKDOWN_COLUMNS + tail
 
 
 def to_frame(rows: list[dict]) -> pd.DataFrame:
@@ -150,10 +153,13 @@ def tradeoff_plot(df: pd.DataFrame, x: str, xlabel: str, path: Path) -> bool:
     if data.empty:
         return False
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for (backbone, method), group in data.groupby(["backbone", "method"], sort=False):
+    # one curve per way of running a method: trained with it, and batched rows apart
+    data["kind"] = [_kind(r) + (f", batch {int(r.batch)}" if pd.notna(r.get("batch")) else "")
+                    for _, r in data.iterrows()]
+    for (backbone, method, kind), group in data.groupby(["backbone", "method", "kind"], sort=False):
         group = group.sort_values(x)
         style = dict(marker="*", markersize=14, linestyle="none") if method == "none" else dict(marker="o")
-        ax.plot(group[x], group.score, label=f"{method} ({backbone})", **style)
+        ax.plot(group[x], group.score, label=f"{method} ({backbone}){kind}", **style)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("mIoU (%)")
     ax.grid(alpha=0.3)
@@ -195,8 +201,23 @@ def weights_label(r: pd.Series) -> str:
     if kind != "checkpoint":
         return "random (checkpoint missing)" if pd.notna(r.get("missing_checkpoint")) else str(kind)
     folder = Path(str(r.checkpoint)).parent.name
-    trained = ", trained with the method" if _trained(r) else ""
-    return f"{folder}/{Path(str(r.checkpoint)).name} {r.checkpoint_sha256}{trained}"
+    return f"{folder}/{Path(str(r.checkpoint)).name} {r.checkpoint_sha256}{_kind(r)}"
+
+
+def _kind(r: pd.Series) -> str:
+    """', fine-tuned with the method' / ', trained with the method' for a model trained
+    with its method (a whole model fine-tuned by ``algm-bench finetune``, or an official
+    one), else ''."""
+    if not _trained(r):
+        return ""
+    return ", fine-tuned with the method" if isinstance(r.get("finetune"), dict) else ", trained with the method"
+
+
+def _finetuned(df: pd.DataFrame) -> pd.Series:
+    """Rows whose weights ``algm-bench finetune`` wrote."""
+    if "finetune" not in df:
+        return pd.Series(False, index=df.index)
+    return df.finetune.map(lambda v: isinstance(v, dict))
 
 
 def _trained(r: pd.Series) -> bool:
@@ -225,6 +246,28 @@ def _time_note(df: pd.DataFrame) -> str:
             f"policies they needed that were not cached yet.\n")
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + "s" * (n != 1)
+
+
+def _finetune_note(df: pd.DataFrame) -> str:
+    """The budget of every fine-tuned model: epochs, frozen blocks, iterations, wall time."""
+    rows = df[_finetuned(df)].drop_duplicates("checkpoint")
+    if rows.empty:
+        return ""
+    lines = []
+    for _, r in rows.iterrows():
+        rec, b = r.finetune, r.finetune["budget"]
+        frozen = f"blocks 1-{b['freeze_blocks']} frozen" if b["freeze_blocks"] else "nothing frozen"
+        lines.append(f"\n- {r.backbone} {rec['method']}: {_count(b['epochs'], 'epoch')} x {b['items']} views of "
+                     f"{b['frames']} frames = {_count(b['iterations'], 'iteration')} of batch {b['batch_size']}, "
+                     f"{frozen}, SGD lr {b['lr']:g} poly to {b['min_lr']:g}, {b['precision']}; "
+                     f"{rec['wall_seconds'] / 60:.1f} min ({rec['prefix_seconds'] / 60:.1f} min caching "
+                     f"the frozen blocks)")
+    return ("\nFine-tuned: every model starts from the same weights and trains with its method "
+            "active, at the same budget (`algm-bench finetune`):" + "".join(lines) + "\n")
+
+
 def _breakdown_note(df: pd.DataFrame) -> str:
     if "breakdown_batch" not in df or df.breakdown_batch.isna().all():
         return ""
@@ -233,6 +276,18 @@ def _breakdown_note(df: pd.DataFrame) -> str:
             f"(`algm-bench throughput --breakdown`). Speed-up bound: what the baseline's fixed stages "
             f"(patch embed, restore, upsample) allow at the row's GFLOPs ratio, with no overhead "
             f"(Amdahl): a speed-up near it wastes nothing.\n")
+
+
+def _batched_note(df: pd.DataFrame) -> str:
+    """What the ``batch=N`` rows measure (rows of older runs lack the field)."""
+    if "batch" not in df or df.batch.isna().all():
+        return ""
+    sizes = ", ".join(str(int(b)) for b in sorted(df.batch.dropna().unique()))
+    return (f"\nRows with batch=N (N = {sizes}): tokens kept, GFLOPs and mIoU on mixed batches of N "
+            f"images, one fixed seeded grouping of the split for every row (evaluation puts the windows "
+            f"of N images in one forward); their im/s bN is timed on the first of those batches, the "
+            f"other batch sizes on the same frames as every row. GFLOPs are per image and include the "
+            f"padding of per-image merging; tokens kept count real tokens only.\n")
 
 
 def _speedup_note(df: pd.DataFrame) -> str:
@@ -285,7 +340,7 @@ def write_reports(rows: list[dict], out_dir: Path, published: dict, title: str) 
     written.append(csv)
     md = out_dir / "table.md"
     atomic.write_text(md, f"# {title}\n\n{markdown_table(df)}{_missing_note(df)}{_speedup_note(df)}"
-                          f"{_breakdown_note(df)}"
+                          f"{_finetune_note(df)}{_breakdown_note(df)}{_batched_note(df)}"
                           f"{_time_note(df)}")
     written.append(md)
     tex = out_dir / "table.tex"

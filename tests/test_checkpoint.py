@@ -10,9 +10,11 @@ import pytest
 import torch
 import yaml
 
+from algm.build import make_setup
 from algm.config import HALF, IMAGENET_MEAN, IMAGENET_STD, DecoderConfig, ViTConfig
 from algm.model.segmenter import Segmenter, build_segmenter
 from algm.weights import VariantInfo, load_checkpoint, read_variant
+from algm.weights.checkpoint import configs_from_variant, variant_of
 
 TINY = ViTConfig("tiny", embed_dim=64, depth=2, num_heads=2, patch_size=16, norm_eps=1e-5,
                  pos_grid=(4, 4))
@@ -86,7 +88,7 @@ def test_variant_needs_the_tuple_aware_loader(tmp_path, source):
 def test_roundtrip_gives_identical_outputs(tmp_path, source):
     model, info = load_checkpoint(write_official(tmp_path, source))
     assert info == VariantInfo(backbone="vit_tiny_patch16_384", n_cls=N_CLS, im_size=64,
-                               window_size=64, window_stride=48, mean=HALF, std=HALF)
+                               window=(64, 64), stride=(48, 48), mean=HALF, std=HALF)
     cfg = model.encoder.cfg
     assert (cfg.norm_eps, cfg.pos_grid, cfg.pos_interp) == (1e-5, (4, 4), "bilinear")
     torch.manual_seed(1)
@@ -268,3 +270,16 @@ def test_checkpoint_folder_is_named(tmp_path, source):
     write_official(tmp_path, source)
     with pytest.raises(FileNotFoundError, match=f"checkpoint {tmp_path} is a folder"):
         load_checkpoint(tmp_path)
+
+
+def test_variant_describes_a_dinov2_style_encoder_and_a_non_square_window():
+    setup = make_setup("vit-s14", "camvid")
+    variant = variant_of(setup.model, "camvid", setup.window, setup.stride)
+    encoder, decoder, info = configs_from_variant(variant)
+    theirs, ours = encoder, setup.model.encoder.cfg
+    assert (theirs.embed_dim, theirs.depth, theirs.num_heads, theirs.patch_size, theirs.layer_scale,
+            theirs.norm_eps, theirs.pos_grid, theirs.pos_interp, theirs.mean, theirs.std) == (
+        ours.embed_dim, ours.depth, ours.num_heads, ours.patch_size, True, 1e-6, (37, 37), "bicubic",
+        ours.mean, ours.std)
+    assert decoder.name == "mask" and info.n_cls == 11
+    assert info.window == (336, 448) and info.stride == setup.stride

@@ -100,3 +100,22 @@ def test_torch_compile_gives_the_same_logits(method, frames):
         eager = model(x)
         out = compiled(x)
     torch.testing.assert_close(out, eager, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("freeze_blocks", [0, 5])
+def test_finetune_on_cuda_writes_the_model_it_trained(tmp_path, freeze_blocks):
+    from test_reproduce import write_ade, write_checkpoint
+
+    from algm.training.finetune import FinetuneConfig, finetune
+    from algm.weights.checkpoint import load_checkpoint
+
+    data = write_ade(tmp_path / "data", n=2)
+    setup = make_setup(checkpoint=write_checkpoint(tmp_path / "start", seed=1), method="algm")
+    config = FinetuneConfig(epochs=1, freeze_blocks=freeze_blocks, views=1, batch_size=2)
+    result = finetune(setup, config, tmp_path / "out", root=data, device="cuda", cache=tmp_path / "cache",
+                      progress=False)
+    assert result.record["budget"]["precision"] == "bf16" and result.record["budget"]["iterations"] == 1
+    model, _ = load_checkpoint(result.checkpoint)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.with_method(setup.model.method).eval()(x), setup.model.eval()(x))

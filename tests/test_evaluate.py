@@ -12,8 +12,8 @@ from torch import nn
 
 from algm.config import get_backbone
 from algm.data.datasets import build_dataset
-from algm.data.windows import default_stride, scaled_size, to_test_scale, window_starts
-from algm.evaluate import evaluate, slide_inference
+from algm.data.windows import default_stride, mixed_groups, scaled_size, to_test_scale, window_starts
+from algm.evaluate import evaluate, slide_inference, slide_inference_many
 
 N_CLS = 4
 CFG = get_backbone("vit-s14")  # ImageNet mean/std
@@ -203,3 +203,41 @@ def test_non_finite_logits_are_an_error_naming_the_image(camvid):
 
     with pytest.raises(ValueError, match="non-finite logits on b"):
         evaluate(NaNOnClass3(), camvid, (24, 32), progress=False)
+
+
+def test_windows_of_several_images_share_calls_and_match_each_image_alone():
+    """Image by image, window by window across the images; each image gets what
+    slide_inference gives it alone (overlaps averaged, padding cropped)."""
+    model = PositionDependent()
+    gen = torch.Generator().manual_seed(1)
+    images = [torch.randn(1, 3, 13, 17, generator=gen), torch.randn(1, 3, 8, 10, generator=gen),
+              torch.randn(1, 3, 6, 20, generator=gen)]
+    window, stride = (8, 10), (3, 4)
+    calls = []
+    counting = lambda x: calls.append(x.shape[0]) or model(x)  # noqa: E731
+    outs = slide_inference_many(counting, images, window, stride, N_CLS, batch_size=5)
+    n_windows = [len(window_starts(max(i.shape[-2], 8), 8, 3)) * len(window_starts(max(i.shape[-1], 10), 10, 4))
+                 for i in images]
+    assert n_windows == [9, 1, 4] and calls == [5, 5, 4]  # 14 windows, calls across image borders
+    for image, out in zip(images, outs):
+        assert out.shape == (1, N_CLS, *image.shape[-2:])
+        torch.testing.assert_close(out, slide_inference(model, image, window, stride, N_CLS), rtol=0, atol=1e-6)
+
+
+def test_mixed_batch_evaluation_takes_the_seeded_groups(camvid):
+    """images_per_batch: the images of each mixed_groups group go through the model
+    together; a model that scores windows alone gives the same confusion matrix."""
+    seen = []
+
+    class Recording(Oracle):
+        def forward(self, x):
+            red = ((x[:, 0, 5, 5] * CFG.std[0] + CFG.mean[0]) * 255 - 10) / 20
+            seen.append(red.round().long().tolist())
+            return super().forward(x)
+
+    alone = evaluate(Oracle(), camvid, (24, 32), (24, 32), progress=False)
+    grouped = evaluate(Recording(), camvid, (24, 32), (24, 32), progress=False, images_per_batch=2)
+    assert torch.equal(grouped.confusion, alone.confusion) and grouped.n_images == 3
+    # the windows of frames a, b, c by class: b is 32 x 24 at test scale, c 24 x 45
+    windows = [[0], [3, 3], [8, 8]]
+    assert seen == [sum((windows[i] for i in g), []) for g in mixed_groups(3, 2)]

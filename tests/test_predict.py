@@ -240,7 +240,7 @@ def test_predict_writes_pictures_and_the_exact_logits(tmp_path, checkpoint, caps
     model, info = load_checkpoint(checkpoint)
     method = build_method("algm", model.encoder.cfg, get_dataset("camvid"), tau=-1.0, stages="local")
     model = model.with_method(method).eval()
-    x = center_window(read_image(img), (info.window_size, info.window_size), HALF, HALF)
+    x = center_window(read_image(img), info.window, HALF, HALF)
     with torch.no_grad():
         direct = model(x)
     assert saved.dtype == torch.float32 and saved.shape == (1, N_CLS, 64, 64)

@@ -172,3 +172,32 @@ def test_bad_checkpoints_fail_before_anything_is_written(zoo, tmp_path, capsys):
     assert "variant.yml" in capsys.readouterr().err and not out.exists()
     assert main(["eval", "--checkpoint", str(zoo["none"]), "--data-root", str(tmp_path / "nowhere")]) == 2
     assert "ADEChallengeData2016" in capsys.readouterr().err
+
+
+def test_batched_rows_measure_mixed_batches(tmp_path):
+    """``batch: 2`` rows measure tokens, GFLOPs and mIoU on the seeded mixed batches:
+    per-image merging keeps fewer tokens than the authors' batch minimum, and exactly
+    what the same images keep alone (the unbatched row over the same 5 images), with
+    the same mIoU; padding makes its GFLOPs no less than alone, and no more than
+    batch_min's (the padded length is at most batch_min's)."""
+    data = write_ade(tmp_path / "data", n=5)
+    write_checkpoint(tmp_path / "checkpoints" / "ade20k" / "vit-s16" / "none", seed=1)
+    suite = tmp_path / "batched.yaml"
+    suite.write_text(
+        "dataset: ade20k\nsplit: val\nbackbones: [vit-s16]\nflops_images: 5\n"
+        "throughput: {batch_sizes: [1], warmup: 0, repeats: 1, contended_retries: 0}\n"
+        "methods:\n  none: [{}]\n  algm:\n    - {tau: 0.5, batch_policy: per_image}\n"
+        "    - {tau: 0.5, batch: 2}\n    - {tau: 0.5, batch: 2, batch_policy: per_image}\n")
+    out = tmp_path / "out"
+    assert main(["bench", "--dataset", str(suite), "--data-root", str(data), "--checkpoints",
+                 str(tmp_path / "checkpoints"), "--out", str(out), "--no-progress"]) == 0
+    df = pd.read_csv(out / "results.csv").set_index("setting")
+    alone, authors, own = (df.loc[f"algm({s}tau=0.5)"] for s in
+                           ("batch_policy=per_image, ", "batch=2, ", "batch=2, batch_policy=per_image, "))
+    assert own.tokens_kept_pct < authors.tokens_kept_pct
+    assert own.tokens_per_layer == alone.tokens_per_layer and own.miou == pytest.approx(alone.miou, abs=1e-9)
+    assert alone.gflops <= own.gflops <= authors.gflops and own.gflops_images == 5
+    assert np.isnan(alone.ims_b2) and min(authors.ims_b1, authors.ims_b2, authors.base_ims_b2) > 0
+    table = (out / "table.md").read_text()
+    assert "| algm(batch=2, batch_policy=per_image, tau=0.5) |" in table and "im/s b2" in table
+    assert "Rows with batch=N (N = 2): tokens kept, GFLOPs and mIoU on mixed batches" in table

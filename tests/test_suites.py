@@ -5,10 +5,12 @@ import math
 
 import pandas as pd
 import pytest
+import yaml
 
-from suites.definition import Setting, load_suite
+from suites.definition import Setting, Suite, load_suite
 from suites.report import markdown_table, latex_table, reproduction_table, to_frame, write_reports
-from suites.runner import Row, RunOptions, row_key
+from suites.plan import Row, RunOptions
+from suites.runner import row_key
 
 
 @pytest.mark.parametrize("name", ["camvid", "ade20k", "cityscapes", "pascal", "cocostuff"])
@@ -69,6 +71,37 @@ def test_row_key_changes_with_every_knob(tmp_path):
     with_ckpt = row_key(suite, Row("vit-s14", Setting("algm"), ckpt, ckpt), opts)
     ckpt.write_bytes(b"two!")  # other weights, same file name: another row
     assert with_ckpt != row_key(suite, Row("vit-s14", Setting("algm"), ckpt, ckpt), opts)
+
+
+def test_batched_settings_add_a_key_only_where_set():
+    """A ``batch`` setting hashes its batch; every other row keeps the key it had before
+    the key existed (cached reference rows stay valid; literals from that code)."""
+    suite = Suite(name="mini", dataset="camvid", split="val", backbones=("vit-s14",), settings=())
+    opts = RunOptions()
+    old = [(Setting("none"), "dba4e65a343d288b"), (Setting("algm", {"tau": 0.9}), "c6c9fa94ff1a10a8"),
+           (Setting("algm", train=True), "735a9158bd20dd25")]
+    assert [row_key(suite, Row("vit-s14", s), opts) for s, _ in old] == [key for _, key in old]
+    keys = {row_key(suite, Row("vit-s14", Setting("algm", {"tau": 0.9}, batch=b)), opts) for b in (4, 8)}
+    assert len(keys | {old[1][1]}) == 3
+    assert Setting("algm", {"batch_policy": "per_image"}, batch=8).label() == "algm(batch=8, batch_policy=per_image)"
+    assert Setting("algm", {"tau": 0.9}).label() == "algm(tau=0.9)"
+
+
+def test_batch_key_is_read_and_checked(tmp_path):
+    path = tmp_path / "b.yaml"
+    path.write_text("dataset: camvid\nbackbones: [vit-s14]\nthroughput: {batch_sizes: [1, 4]}\n"
+                    "methods: {algm: [{batch: 8}, {batch: 4, batch_policy: per_image, train: true}, {}]}\n")
+    settings = load_suite(str(path)).settings
+    assert settings == (Setting("algm", {}, False, 8), Setting("algm", {"batch_policy": "per_image"}, True, 4),
+                        Setting("algm"))
+    from suites.measure import timed_sizes
+    assert [timed_sizes(load_suite(str(path)), s) for s in settings] == [(1, 4, 8), (1, 4), (1, 4)]
+    for bad in ("0", "-2", "2.5", "true", "eight"):
+        path.write_text(f"dataset: camvid\nbackbones: [vit-s14]\nmethods: {{algm: [{{batch: {bad}}}]}}\n")
+        with pytest.raises(ValueError) as err:
+            load_suite(str(path))
+        assert str(err.value) == (f"{path}: invalid suite: methods.algm: batch must be a whole number >= 1 "
+                                  f"(images per mixed batch), got {yaml.safe_load(bad)!r}")
 
 
 ROWS = [
@@ -154,7 +187,7 @@ def test_contended_throughput_is_retimed(monkeypatch):
     with the baseline, whose rate is kept beside theirs."""
     import torch
 
-    import suites.runner as runner
+    import suites.measure as measure
     from algm.measure.throughput import ThroughputResult
     from suites.definition import Throughput
 
@@ -166,7 +199,7 @@ def test_contended_throughput_is_retimed(monkeypatch):
         return [ThroughputResult(10 * u, 10 * u, 0.0, 0.1, 0.1, 1, repeats, warmup, "cpu", "fp32",
                                  cpu_utilisation=u) for u in next(utilisations)[:len(models)]]
 
-    monkeypatch.setattr(runner, "measure_interleaved", fake_measure)
+    monkeypatch.setattr(measure, "measure_interleaved", fake_measure)
 
     class FakeSetup:
         def __init__(self):
@@ -177,12 +210,12 @@ def test_contended_throughput_is_retimed(monkeypatch):
 
     suite = dataclasses.replace(load_suite("camvid"), throughput=Throughput((1,), contended_retries=2))
     method, baseline = FakeSetup(), FakeSetup()
-    row = runner._throughput(suite, method, baseline, 1, RunOptions())
+    row = measure._throughput(suite, method, baseline, 1, RunOptions())
     assert calls == [2, 2, 2] and row["cpu_util_b1"] == 0.5 and row["contended_b1"] is True
     assert row["ims_b1"] == 5.0 and row["base_ims_b1"] == 6.0
     utilisations = iter([(0.95,)])
     calls.clear()
-    row = runner._throughput(suite, baseline, baseline, 1, RunOptions())
+    row = measure._throughput(suite, baseline, baseline, 1, RunOptions())
     assert calls == [1] and row["contended_b1"] is False and "base_ims_b1" not in row
 
 
@@ -210,7 +243,7 @@ def test_random_weight_rows_are_seeded():
     them), and building one leaves the global RNG alone."""
     import torch
 
-    from suites.runner import setup_for
+    from suites.measure import setup_for
 
     suite = load_suite("pascal")
     state = torch.random.get_rng_state()

@@ -19,6 +19,7 @@ from algm.model.segmenter import build_segmenter
 from algm.reduction import TokenReduction
 from algm.training.features import collate, extract_features
 from algm.training.head import TrainConfig, load_head, train_head, trained_head_path
+from algm.training.loop import Schedule
 
 N_CLS, IGNORE = 3, 3
 WINDOW = (32, 48)  # patch 8 -> 4 x 6 tokens
@@ -413,3 +414,12 @@ def test_real_vit_s14_head_beats_random_weights(tmp_path):
     print(f"3-frame mIoU: real {scores[True]:.3f}, random weights {scores[False]:.3f}")
     assert scores[True] > scores[False] + 0.1, scores
     assert scores[True] > 0.4, scores
+
+
+def test_poly_schedule_decays_from_lr_to_min_lr():
+    schedule = Schedule(1e-3, "poly", 0.0, 1e-5)
+    assert schedule.lr_at(0, 10) == pytest.approx(1e-3)
+    assert schedule.lr_at(5, 10) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 ** 0.9)
+    assert schedule.lr_at(9, 10) > 1e-5
+    with pytest.raises(ValueError, match="min_lr must be between 0 and lr"):
+        Schedule(1e-3, "poly", 0.0, 1e-2)

@@ -65,3 +65,39 @@ def test_window_starts_follow_mmseg(size, window, stride, expected):
 def test_default_stride_and_boxes():
     assert W.default_stride((512, 512)) == (480, 480)
     assert W.window_boxes((512, 683), (512, 512)) == [(0, 0), (0, 171)]
+
+
+def test_random_view_crops_and_flips_image_and_label_together():
+    # ratio 1: the image stays at the test scale, so crop and flip are exact pixel moves
+    img = image(40, 72, seed=3)
+    label = (img[0] // 26).long()  # a label that is a function of the pixel
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        x, y = W.random_view(img, label, (40, 48), MEAN, STD, gen, ignore_index=255, ratio=(1.0, 1.0))
+        assert x.shape == (1, 3, 40, 48) and y.shape == (1, 40, 48)
+        pixels = (W.denormalise(x, MEAN, STD) * 255).round().long()
+        assert torch.equal(pixels[0, 0] // 26, y[0])
+
+
+def test_random_view_rescales_pads_with_ignore_and_follows_the_generator():
+    img, label = image(36, 48), torch.zeros(36, 48, dtype=torch.long)
+    views = [W.random_view(img, label, (36, 48), MEAN, STD, torch.Generator().manual_seed(5), 255,
+                           ratio=(0.5, 0.5)) for _ in range(2)]
+    assert torch.equal(views[0][0], views[1][0]) and torch.equal(views[0][1], views[1][1])
+    x, y = views[0]
+    # half scale: an 18 x 24 image in the top-left corner, the rest padding
+    assert (y[0, :18, :24] == 0).all() and (y[0, 18:] == 255).all() and (y[0, :, 24:] == 255).all()
+    assert (x[0, :, 18:] == 0).all()
+
+
+def test_mixed_groups_are_a_seeded_partition_in_batches():
+    groups = W.mixed_groups(21, 8)
+    assert [len(g) for g in groups] == [8, 8, 5]
+    order = sum(groups, [])
+    assert sorted(order) == list(range(21)) and order != list(range(21))
+    assert groups == W.mixed_groups(21, 8) and groups != W.mixed_groups(21, 8, seed=1)
+    # one seeded order, cut at every batch size
+    assert sum(W.mixed_groups(21, 4), []) == sum(groups, []) and W.mixed_groups(0, 4) == []
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match=f"batch_size must be a whole number >= 1, got {bad!r}"):
+            W.mixed_groups(5, bad)

@@ -54,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from suites.definition import load_suite
     from suites.report import publish, staging_dir, write_reports
-    from suites.runner import RunOptions, run_suite, write_machine
+    from suites.plan import RunOptions
+    from suites.runner import run_suite, write_machine
 
     suite = load_suite(args.dataset)
     distributed.init()
@@ -88,7 +89,7 @@ def write_suite_gallery(suite, out: Path, data_root: str | None) -> Path:
     frames, linked from table.md."""
     from algm.pictures.gallery import gallery_frames, method_variants, write_gallery
     from suites.definition import Setting
-    from suites.runner import setup_for
+    from suites.measure import setup_for
 
     backbone = suite.backbones[0]
     base = setup_for(suite, backbone, Setting("none"), pretrained=has_weights(backbone))

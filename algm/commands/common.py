@@ -76,6 +76,17 @@ def add_data_arguments(parser: argparse.ArgumentParser, split: str = "val") -> N
     group.add_argument("--limit", type=positive_int, default=None, help="use only the first N images")
 
 
+def add_training_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """The final evaluation of a training command (--eval-split, --eval-limit, --no-eval),
+    --quiet and --json."""
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--eval-split", default="val", help="split for the final mIoU (default: val)")
+    group.add_argument("--eval-limit", type=positive_int, default=None, help="evaluate on the first N images only")
+    group.add_argument("--no-eval", action="store_true", help="skip the final mIoU")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def add_nproc_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=positive_int, default=1,
                         help="split the work over N processes on this machine via torchrun "

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from algm.commands.common import add_data_arguments, add_model_arguments, emit, has_weights, setup_from_args
+from algm.commands.common import (add_data_arguments, add_model_arguments, add_training_output_arguments, emit,
+                                  has_weights, setup_from_args)
 from algm.training.head import (
     DEFAULT_EPOCHS, DEFAULT_LR, TRAIN_PRECISIONS, TrainConfig, evaluate_head, load_head, train_head,
 )
@@ -56,12 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="discard checkpoints and the finished head of this config, train anew")
     g.add_argument("--random-weights", action="store_true",
                    help="random encoder weights instead of the real ones (a lower bound)")
-    e = p.add_argument_group("evaluation")
-    e.add_argument("--eval-split", default="val", help="split for the final mIoU (default: val)")
-    e.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N images only")
-    e.add_argument("--no-eval", action="store_true", help="skip the final mIoU")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_training_output_arguments(p)
     p.set_defaults(func=run)
 
 

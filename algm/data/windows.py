@@ -13,10 +13,15 @@
    the image (:func:`tiles`); single-window consumers (GFLOPs, throughput, pictures)
    take the centre window (:func:`center_window`), which is the only tile wherever
    one window covers the image.
+4. **Training views** for fine-tuning (SPEC section 9, mmseg's pipeline without the
+   photometric distortion): :func:`random_view` rescales the test-scale image by a
+   random ratio in 0.5-2.0, takes a random window-sized crop (padding where the image is
+   smaller) and flips it with probability 0.5.
 
 :func:`split_windows` and :func:`frames_batch` apply the centre window to the images of a
-dataset split. Shapes: images (3, H, W) uint8 as read; model inputs (1, 3, h, w) float;
-labels (H, W).
+dataset split; :func:`mixed_groups` is the fixed seeded grouping of a split into mixed
+batches (batched suite rows measure on it). Shapes: images (3, H, W) uint8 as read;
+model inputs (1, 3, h, w) float; labels (H, W).
 """
 
 from __future__ import annotations
@@ -113,6 +118,28 @@ def tiles(image: Tensor, window: Window, mean: Sequence[float], std: Sequence[fl
                None if y is None else y[None, top:top + h, left:left + w])
 
 
+def random_view(image: Tensor, label: Tensor, window: Window, mean: Sequence[float], std: Sequence[float],
+                generator: torch.Generator, ignore_index: int = 255,
+                ratio: tuple[float, float] = (0.5, 2.0), flip: float = 0.5) -> tuple[Tensor, Tensor]:
+    """One random training view: (x (1, 3, h, w) normalised, y (1, h, w) long) of the
+    uint8 (3, H, W) ``image`` and its (H, W) ``label``, every draw from ``generator``:
+    short side ``min(window) * U(ratio)``, a uniform crop origin, a flip with
+    probability ``flip``."""
+    r = torch.empty(3).uniform_(generator=generator)
+    short = max(round(min(window) * (ratio[0] + (ratio[1] - ratio[0]) * float(r[0]))), 1)
+    size = scaled_size(tuple(image.shape[-2:]), short)
+    x = F.interpolate(image.unsqueeze(0).float().div_(255), size=size, mode="bilinear", align_corners=False)
+    x = pad_to(normalise(x, mean, std), window)
+    y = pad_to(label_at(label, size), window, value=ignore_index)
+    h, w = window
+    top = int(float(r[1]) * (x.shape[-2] - h + 1))
+    left = int(float(r[2]) * (x.shape[-1] - w + 1))
+    x, y = x[..., top:top + h, left:left + w], y[None, top:top + h, left:left + w]
+    if float(torch.rand(1, generator=generator)) < flip:
+        x, y = x.flip(-1), y.flip(-1)
+    return x.contiguous(), y.contiguous()
+
+
 def center_window(image: Tensor, window: Window, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """The centred (1, 3, h, w) window of the test-scale image (padded if smaller)."""
     x = pad_to(to_test_scale(image, window, mean, std), window)
@@ -127,6 +154,20 @@ def split_windows(dataset: str, split: str, window: Window, mean: Sequence[float
     data = build_dataset(dataset, split, root=root, limit=limit)
     for i in range(len(data)):
         yield center_window(data[i].image, window, mean, std)
+
+
+def mixed_groups(n: int, batch_size: int, seed: int = 0) -> list[list[int]]:
+    """Indices ``0 .. n-1`` in a seeded random order, cut into consecutive groups of
+    ``batch_size`` (the last one shorter when ``batch_size`` does not divide ``n``).
+
+    The fixed mixed batches that batched measurements use: the same images end up
+    together in every run and for every method, and consecutive video frames (nearly
+    identical images) are spread over different groups.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
 def frames_batch(dataset: str, split: str, window: Window, mean: Sequence[float], std: Sequence[float],

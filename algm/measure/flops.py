@@ -57,6 +57,7 @@ def average_flops(model: nn.Module, images: Iterable[Tensor],
                   signature: Callable[[Tensor], tuple] | None = None,
                   distributed: bool = False) -> tuple[float, list[float]]:
     """Mean GFLOPs per image over ``images`` (each (1, 3, H, W)), and the per-image list.
+    (Batches (B, 3, H, W) work too: the list then holds each batch's total.)
 
     ``signature(image)`` returns a hashable key that determines the count (e.g. the
     tokens kept per layer); images with a known key reuse that count instead of a

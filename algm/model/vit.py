@@ -156,18 +156,32 @@ class ViTEncoder(nn.Module):
         ``stage(name, layer, fn, *args)`` (see :data:`Stage`; the default just calls it).
         """
         method = method if method is not None else NoReduction()
+        state = self.start(images, method, labels, stage)
+        state, alive = self.run_blocks(state, method, range(self.depth), stage)
+        return stage("norm", None, self.finish, state), torch.stack(alive, 1)
+
+    def start(self, images: Tensor, method: TokenReduction, labels: Tensor | None = None,
+              stage: Stage = run_stage) -> TokenState:
+        """The state before the first block: patch embedding, the method's ``begin``, cls."""
         patches, ctx = stage("embed", None, self.embed, images, labels)
         state = stage("begin", None, method.begin, patches, ctx)
-        state = stage("cls", None, self.add_cls, state)
+        return stage("cls", None, self.add_cls, state)
+
+    def run_blocks(self, state: TokenState, method: TokenReduction, blocks: range,
+                   stage: Stage = run_stage) -> tuple[TokenState, list[Tensor]]:
+        """Run the 0-based ``blocks`` with the method's hooks; returns the state after them
+        and the (B,) tokens alive after each. Fine-tuning with a frozen prefix runs the
+        first blocks once (cached) and the rest here."""
         alive = []
-        for i, blk in enumerate(self.blocks):
+        for i in blocks:
+            blk = self.blocks[i]
             bias = stage("attn_bias", i, method.attn_bias, state, i)
             x, keys = stage("attend", i, blk.attend, state.x, bias)
             state = stage("mid_block", i, method.mid_block, state.replace(x=x), i, keys)
             x = stage("feed", i, blk.feed, state.x)
             state = stage("after_block", i, method.after_block, state.replace(x=x), i)
             alive.append(state.alive())
-        return stage("norm", None, self.finish, state), torch.stack(alive, 1)
+        return state, alive
 
     def finish(self, state: TokenState) -> TokenState:
         """The final layer norm on every token."""

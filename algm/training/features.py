@@ -12,6 +12,13 @@ it sees at test time ("trained with the method").
 Windows are :func:`algm.data.windows.tiles`: the image at the test scale, padded to the
 window, tiled with stride = window (CamVid: 480x360 -> 448x336 = exactly one window).
 
+Fine-tuning with a frozen prefix (:mod:`algm.training.finetune`) caches instead the
+state after the first ``blocks`` blocks (no final norm) of ``views`` random training
+views per frame (:func:`algm.data.windows.random_view`, drawn from a generator seeded
+by the frame's index and ``seed``). Frozen blocks without dropout are deterministic and
+a method's merging decisions up to there are fixed per view, so the cached state is
+what the frozen part computes (``x`` stored in fp16, as for the final states).
+
 The cache entry is keyed by :func:`feature_identity`: backbone config, a fingerprint of
 the encoder and method weights, dataset, split, the frames used, window, method name +
 ``settings()``, the flip copy and the storage format. Another method setting (ALGM's
@@ -41,7 +48,7 @@ from tqdm import tqdm
 
 from algm import atomic
 from algm.build import Setup
-from algm.data.windows import tiles
+from algm.data.windows import random_view, tiles
 from algm.reduction import TokenReduction, TokenState
 from algm.training.keys import cache_folder, cache_label, digest, weights_fingerprint
 
@@ -83,10 +90,13 @@ def frame_names(dataset) -> list[str]:
     return [str(dataset[i].name) for i in range(len(dataset))]
 
 
-def feature_identity(setup: Setup, split: str, names: Sequence[str], flip: bool) -> dict:
-    """Everything the cached encoder outputs depend on (hashed into the feature key)."""
+def feature_identity(setup: Setup, split: str, names: Sequence[str], flip: bool,
+                     blocks: int | None = None, views: int = 0, seed: int = 0) -> dict:
+    """Everything the cached encoder outputs depend on (hashed into the feature key;
+    ``blocks`` / ``views`` only when set, so final-state keys stay as they were)."""
     method = setup.model.method
-    return {
+    prefix = {} if blocks is None else {"blocks": blocks, "views": views, "seed": seed}
+    return {**prefix,
         "format": FEATURES_FORMAT,
         "backbone": asdict(setup.backbone),
         "weights": weights_fingerprint(setup.model.encoder, method),
@@ -172,9 +182,17 @@ def _label_dtype(n_cls: int, ignore_index: int) -> torch.dtype:
 
 
 @torch.no_grad()
-def _encode(setup: Setup, image: Tensor, label: Tensor, label_dtype: torch.dtype) -> dict:
-    """One window (1, 3, h, w) with its label (1, h, w) -> a cache item (see module doc)."""
-    state, _ = setup.model.encoder(image, setup.model.method, label)
+def _encode(setup: Setup, image: Tensor, label: Tensor, label_dtype: torch.dtype,
+            blocks: int | None = None) -> dict:
+    """One window (1, 3, h, w) with its label (1, h, w) -> a cache item (see module doc):
+    the final state, or the state after the first ``blocks`` blocks."""
+    encoder, method = setup.model.encoder, setup.model.method
+    device = encoder.cls_token.device  # the model's device (fine-tuning extracts on the GPU)
+    image, label = image.to(device), label.to(device)
+    if blocks is None:
+        state, _ = encoder(image, method, label)
+    else:
+        state, _ = encoder.run_blocks(encoder.start(image, method, label), method, range(blocks))
     n = state.grid[0] * state.grid[1]
     return {
         "x": state.x[0].to(torch.float16).cpu(),
@@ -187,15 +205,20 @@ def _encode(setup: Setup, image: Tensor, label: Tensor, label_dtype: torch.dtype
     }
 
 
-def _encode_frame(setup: Setup, sample, ignore_index: int, label_dtype: torch.dtype, flip: bool) -> list[dict]:
-    """Cache items of every training window of one frame (and of its flipped copy)."""
-    items = []
-    for image, label in tiles(sample.image, setup.window, setup.backbone.mean, setup.backbone.std,
-                              sample.label, ignore_index):
-        items.append(_encode(setup, image, label, label_dtype))
-        if flip:
-            items.append(_encode(setup, image.flip(-1), label.flip(-1), label_dtype))
-    return items
+def _encode_frame(setup: Setup, sample, index: int, ignore_index: int, label_dtype: torch.dtype,
+                  flip: bool, blocks: int | None, views: int, seed: int) -> list[dict]:
+    """Cache items of one frame: every training window (and its flipped copy), or with
+    ``views`` that many random views."""
+    mean, std = setup.backbone.mean, setup.backbone.std
+    if views:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        windows = [random_view(sample.image, sample.label, setup.window, mean, std, generator, ignore_index)
+                   for _ in range(views)]
+    else:
+        windows = []
+        for image, label in tiles(sample.image, setup.window, mean, std, sample.label, ignore_index):
+            windows += [(image, label), (image.flip(-1), label.flip(-1))] if flip else [(image, label)]
+    return [_encode(setup, image, label, label_dtype, blocks) for image, label in windows]
 
 
 def _read_frame(file: Path, method: TokenReduction) -> list[dict] | None:
@@ -212,17 +235,22 @@ def _read_frame(file: Path, method: TokenReduction) -> list[dict] | None:
 
 def extract_features(setup: Setup, split: str = "train", *, flip: bool = False, dataset=None,
                      root: str | Path | None = None, limit: int | None = None,
-                     cache: str | Path | None = None, progress: bool = True) -> FeatureCache:
+                     cache: str | Path | None = None, progress: bool = True,
+                     blocks: int | None = None, views: int = 0, seed: int = 0) -> FeatureCache:
     """Run the frozen encoder (with ``setup.model.method``) once per training window and
-    cache the final token states; later calls read them from disk.
+    cache the final token states; later calls read them from disk. With ``blocks`` the
+    states after that many blocks of ``views`` random views per frame (module doc).
 
     ``dataset``: samples (``.image`` uint8 (3,H,W), ``.label`` (H,W), ``.name``) with
     ``n_cls``/``ignore_index``, instead of ``build_dataset(setup.dataset.name, split,
     root, limit)``. ``cache``: root folder instead of ``cache_dir()`` (tests).
     """
     data = open_split(setup, split, dataset, root, limit)
-    identity = feature_identity(setup, split, frame_names(data), flip)
-    path = cache_folder(cache, "features", f"{cache_label(setup, split)}-{digest(identity)}")
+    if blocks is not None and views < 1:
+        raise ValueError(f"a frozen-prefix cache needs views >= 1, got {views}")
+    identity = feature_identity(setup, split, frame_names(data), flip, blocks, views, seed)
+    kind = "features" if blocks is None else "prefix"
+    path = cache_folder(cache, kind, f"{cache_label(setup, split)}-{digest(identity)}")
     label_dtype = _label_dtype(data.n_cls, data.ignore_index)
     method = setup.model.method
     was_training = setup.model.training
@@ -231,12 +259,13 @@ def extract_features(setup: Setup, split: str = "train", *, flip: bool = False, 
     encoded = 0
     items: list[dict] = []
     try:
-        for i in tqdm(range(len(data)), desc=f"features {split}", unit="img", disable=not progress):
+        for i in tqdm(range(len(data)), desc=f"{kind} {split}", unit="img", disable=not progress):
             file = path / f"{i:06d}.pt"
             frame = _read_frame(file, method)
             if frame is None:
                 sample = data[i]
-                frame = _encode_frame(setup, sample, data.ignore_index, label_dtype, flip)
+                frame = _encode_frame(setup, sample, i, data.ignore_index, label_dtype, flip,
+                                      blocks, views, seed)
                 atomic.save_torch({"format": FEATURES_FORMAT, "name": str(sample.name),
                                    "items": [{**it, "aux": _aux_record(it["aux"])} for it in frame]}, file)
                 encoded += 1

@@ -41,11 +41,12 @@ SCHEDULES = ("cosine", "poly")
 class Schedule:
     """Per-iteration learning rate: ``warmup`` steps (a fraction of all steps if < 1,
     else a count) of linear warm-up to ``lr``, then ``cosine`` or ``poly`` (power 0.9)
-    decay towards 0."""
+    decay towards ``min_lr`` (mmseg's PolyLR: ``(lr - min_lr) (1 - progress)^0.9 + min_lr``)."""
 
     lr: float
     kind: str = "cosine"
     warmup: float = 0.0
+    min_lr: float = 0.0
 
     def __post_init__(self):
         if not self.lr > 0:
@@ -54,6 +55,8 @@ class Schedule:
             raise ValueError(f"schedule must be 'cosine' or 'poly', got {self.kind!r}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr must be between 0 and lr ({self.lr:g}), got {self.min_lr:g}")
 
     def lr_at(self, step: int, total: int) -> float:
         """Learning rate of 0-based optimiser ``step`` of ``total``."""
@@ -62,9 +65,10 @@ class Schedule:
         if step < warm:
             return self.lr * (step + 1) / (warm + 1)
         progress = (step - warm) / max(total - warm, 1)
+        span = self.lr - self.min_lr
         if self.kind == "poly":
-            return self.lr * (1 - progress) ** 0.9
-        return self.lr * 0.5 * (1 + math.cos(math.pi * progress))
+            return self.min_lr + span * (1 - progress) ** 0.9
+        return self.min_lr + span * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @dataclass

@@ -7,6 +7,12 @@ silently is ``encoder.head.*`` (the unused ImageNet classifier of the backbone);
 other missing, unexpected or mis-shaped key is an error that names every such key.
 A file that is not a readable torch file, a malformed ``variant.yml`` or a tensor holding
 NaN/inf fails with one line naming the file (and the key or tensor).
+
+:func:`save_checkpoint` writes the same format (``algm-bench finetune``'s output). For
+encoders that Segmenter's variants cannot describe (DINOv2-style ViT-S/14) it adds
+optional ``net_kwargs`` entries that Segmenter ignores: ``layer_scale``, ``norm_eps``,
+``pos_interp``, ``normalization``; and ``inference_kwargs.window_size`` /
+``window_stride`` may be ``[h, w]`` for a non-square window (CamVid 336 x 448).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any, Mapping
 import yaml
 from torch import Tensor, nn
 
+from algm import atomic
 from algm.config import HALF, IMAGENET_MEAN, IMAGENET_STD, DecoderConfig, ViTConfig
 from algm.model.segmenter import Segmenter, build_segmenter
 from algm.weights.torch_file import check_state_dict, first_line, load_torch_file
@@ -36,7 +43,7 @@ UNUSED_PREFIXES = ("encoder.head.",)
 class VariantInfo:
     """What inference needs besides the weights.
 
-    ``window_size`` / ``window_stride`` are the sliding-window crop and step in pixels,
+    ``window`` / ``stride`` are the sliding-window crop and step (h, w) in pixels,
     ``im_size`` the short side images are resized to first; ``mean`` / ``std`` the
     per-channel input normalisation of images scaled to [0, 1].
     """
@@ -44,8 +51,8 @@ class VariantInfo:
     backbone: str
     n_cls: int
     im_size: int
-    window_size: int
-    window_stride: int
+    window: tuple[int, int]
+    stride: tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
@@ -97,6 +104,18 @@ def _field(table: Mapping, key: str, where: str) -> Any:
     return table[key]
 
 
+def _pair(table: Mapping, key: str, where: str) -> tuple[int, int]:
+    """An integer N (a square N x N) or a pair [h, w] of integers."""
+    value = _field(table, key, where)
+    pair = [value, value] if not isinstance(value, (list, tuple)) else list(value)
+    try:
+        if len(pair) != 2:
+            raise TypeError
+        return (int(pair[0]), int(pair[1]))
+    except (TypeError, ValueError):
+        raise ValueError(f"{_dotted(where, key)} must be an integer or [h, w], got {value!r}") from None
+
+
 def _dotted(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
@@ -146,6 +165,9 @@ def _configs(variant: Mapping) -> tuple[ViTConfig, DecoderConfig, VariantInfo]:
         raise ValueError(f"net_kwargs.image_size {image_size!r} does not tile "
                          f"into {patch}-pixel patches")
     dataset_kwargs = variant.get("dataset_kwargs") or {}
+    pos_interp = str(net.get("pos_interp", "bilinear"))
+    if pos_interp not in ("bilinear", "bicubic"):
+        raise ValueError(f"net_kwargs.pos_interp must be bilinear or bicubic, got {pos_interp!r}")
     norm_name = net.get("normalization") or (
         dataset_kwargs.get("normalization") if isinstance(dataset_kwargs, Mapping) else None
     ) or backbone.split("_")[0]
@@ -159,9 +181,10 @@ def _configs(variant: Mapping) -> tuple[ViTConfig, DecoderConfig, VariantInfo]:
         depth=_int(net, "n_layers", "net_kwargs"),
         num_heads=_int(net, "n_heads", "net_kwargs"),
         patch_size=patch,
-        norm_eps=1e-5,
+        layer_scale=bool(net.get("layer_scale", False)),
+        norm_eps=float(net.get("norm_eps", 1e-5)),
         pos_grid=(image_size[0] // patch, image_size[1] // patch),
-        pos_interp="bilinear",
+        pos_interp=pos_interp,
         mean=mean,
         std=std,
     )
@@ -175,8 +198,8 @@ def _configs(variant: Mapping) -> tuple[ViTConfig, DecoderConfig, VariantInfo]:
         backbone=backbone,
         n_cls=_int(net, "n_cls", "net_kwargs"),
         im_size=_int(inference, "im_size", "inference_kwargs"),
-        window_size=_int(inference, "window_size", "inference_kwargs"),
-        window_stride=_int(inference, "window_stride", "inference_kwargs"),
+        window=_pair(inference, "window_size", "inference_kwargs"),
+        stride=_pair(inference, "window_stride", "inference_kwargs"),
         mean=mean,
         std=std,
     )
@@ -229,3 +252,45 @@ def load_checkpoint(path: str | Path, variant_path: str | Path | None = None,
     model = build_segmenter(encoder_cfg, info.n_cls, decoder_cfg)
     strict_load(model, state, f"checkpoint {path}")
     return model.eval(), info
+
+
+def variant_of(model: Segmenter, dataset: str, window: tuple[int, int], stride: tuple[int, int],
+               extra: Mapping | None = None) -> dict:
+    """The ``variant.yml`` content that describes ``model`` (read back by
+    :func:`configs_from_variant` into the same configs); ``extra`` is added at the top."""
+    cfg = model.encoder.cfg
+    if cfg.mlp_ratio != 4.0:
+        raise ValueError(f"variant.yml has no MLP ratio entry: cannot describe mlp_ratio {cfg.mlp_ratio}")
+    norms = [name for name, stats in NORMALIZATION.items() if stats == (tuple(cfg.mean), tuple(cfg.std))]
+    if not norms:
+        raise ValueError(f"no normalization name for mean {cfg.mean} / std {cfg.std}; "
+                         f"known: {', '.join(NORMALIZATION)}")
+    decoder = {v: k for k, v in DECODERS.items()}["mask" if hasattr(model.decoder, "cls_emb") else "linear"]
+    dec = {"name": decoder}
+    if decoder == "mask_transformer":
+        dec["n_layers"] = len(model.decoder.blocks)
+    net = {"backbone": cfg.name, "d_model": cfg.embed_dim, "n_layers": cfg.depth,
+           "n_heads": cfg.num_heads, "patch_size": cfg.patch_size,
+           "image_size": [cfg.pos_grid[0] * cfg.patch_size, cfg.pos_grid[1] * cfg.patch_size],
+           "n_cls": model.n_cls, "normalization": norms[0], "layer_scale": cfg.layer_scale,
+           "norm_eps": cfg.norm_eps, "pos_interp": cfg.pos_interp, "decoder": dec}
+    square = window[0] == window[1] and stride[0] == stride[1]
+    inference = {"im_size": min(window),
+                 "window_size": window[0] if square else list(window),
+                 "window_stride": stride[0] if square else list(stride)}
+    return {"net_kwargs": net, "dataset_kwargs": {"dataset": dataset, "normalization": norms[0]},
+            "inference_kwargs": inference, **(extra or {})}
+
+
+def save_checkpoint(model: Segmenter, folder: str | Path, variant: Mapping, meta: Mapping | None = None) -> Path:
+    """Write ``folder/checkpoint.pth`` (``{"model": encoder.* and decoder.* weights,
+    "algm_bench": meta}``) and ``folder/variant.yml``, each atomically; returns the
+    checkpoint's path. The method's own state is not part of a Segmenter checkpoint."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+               if k.startswith(("encoder.", "decoder."))}
+    path = folder / "checkpoint.pth"
+    atomic.write_text(folder / "variant.yml", yaml.safe_dump(dict(variant), sort_keys=False))
+    atomic.save_torch({"model": weights, "algm_bench": dict(meta or {})}, path)
+    return path

@@ -10,7 +10,8 @@ catches a slower stage (issue 15):
 * the sliding-window accumulation of evaluation: a 512 x 683 ADE20K image (2 windows,
   150 classes) and a 1024 x 2048 Cityscapes frame (8 windows of 768, 19 classes), with a
   model that returns fixed channels-last logits (the Segmenter's layout), so only the
-  accumulation is timed.
+  accumulation is timed; also mixed batches (batched suite rows): 8 CamVid frames of one
+  window each, and 4 ADE20K images of 2 windows, every window in one call.
 
 Random weights: timings do not depend on them.
 """
@@ -23,7 +24,7 @@ import pytest
 import torch
 
 from algm.build import make_setup
-from algm.evaluate import slide_inference
+from algm.evaluate import slide_inference, slide_inference_many
 from algm.model.segmenter import upsample_patch_logits
 from algm.reduction import TokenState, gather_tokens
 
@@ -112,3 +113,13 @@ def test_slide_accumulation(benchmark, case):
         size, window, stride, n_cls = (1024, 2048), (768, 768), (512, 512), 19
     model, image = FixedLogits(8, n_cls, window), torch.zeros(1, 3, *size)
     _bench(benchmark, lambda: slide_inference(model, image, window, stride, n_cls), rounds=5)
+
+
+@pytest.mark.parametrize("case", ["camvid-8x336x448", "ade20k-4x512x683"])
+def test_slide_accumulation_of_a_mixed_batch(benchmark, case):
+    if case.startswith("camvid"):
+        n, size, window, stride, n_cls = 8, (336, 448), (336, 448), (304, 416), 11
+    else:
+        n, size, window, stride, n_cls = 4, (512, 683), (512, 512), (480, 480), 150
+    model, images = FixedLogits(8, n_cls, window), [torch.zeros(1, 3, *size)] * n
+    _bench(benchmark, lambda: slide_inference_many(model, images, window, stride, n_cls), rounds=5)
