@@ -126,7 +126,7 @@ def trainable(model: nn.Module, freeze_blocks: int) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def finetune_record_key(setup: Setup, config: FinetuneConfig, split: str, names: list[str]) -> dict:
+def finetune_identity(setup: Setup, config: FinetuneConfig, split: str, names: list[str]) -> dict:
     """Everything a fine-tuned model depends on (its ``key`` is the digest of this)."""
     method = setup.model.method
     return {"format": FINETUNE_FORMAT, "start": weights_fingerprint(setup.model.encoder, setup.model.decoder),
@@ -164,10 +164,9 @@ def finetune(setup: Setup, config: FinetuneConfig, out: str | Path, *, split: st
     model = setup.model
     config.check_depth(model.encoder.depth, setup.backbone.name)
     data = open_split(setup, split, dataset, root, limit)
-    identity = finetune_record_key(setup, config, split, frame_names(data))
+    identity = finetune_identity(setup, config, split, frame_names(data))
     key = digest(identity)
-    if finished_key(out) == key:
-        _load_finished(model, out / "checkpoint.pth")
+    if finished_key(out) == key and _load_finished(model, out / "checkpoint.pth", key):
         return FinetuneResult(out / "checkpoint.pth", read_variant(out / "variant.yml")["algm_bench"])
     if (out / "checkpoint.pth").exists() and not overwrite:
         raise ValueError(f"{out / 'checkpoint.pth'} holds another model; pass another --out or --overwrite")
@@ -197,10 +196,17 @@ def finetune(setup: Setup, config: FinetuneConfig, out: str | Path, *, split: st
     return FinetuneResult(path, record)
 
 
-def _load_finished(model: nn.Module, path: Path) -> None:
-    """Load a finished fine-tune's encoder and decoder weights into ``model`` (strict)."""
-    weights = check_state_dict(load_torch_file(path)["model"], path)
+def _load_finished(model: nn.Module, path: Path, key: str) -> bool:
+    """Load the encoder and decoder weights of the finished fine-tune ``key`` into
+    ``model`` (strict); False if ``path`` is missing or holds another run."""
+    if not path.is_file():
+        return False
+    blob = load_torch_file(path)
+    if (blob.get("algm_bench") or {}).get("key") != key:
+        return False
+    weights = check_state_dict(blob["model"], path)
     strict_load(nn.ModuleDict({"encoder": model.encoder, "decoder": model.decoder}), weights, f"checkpoint {path}")
+    return True
 
 
 def _step_function(setup: Setup, config: FinetuneConfig, data, split: str, device: torch.device,

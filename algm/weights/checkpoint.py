@@ -284,13 +284,14 @@ def variant_of(model: Segmenter, dataset: str, window: tuple[int, int], stride: 
 
 def save_checkpoint(model: Segmenter, folder: str | Path, variant: Mapping, meta: Mapping | None = None) -> Path:
     """Write ``folder/checkpoint.pth`` (``{"model": encoder.* and decoder.* weights,
-    "algm_bench": meta}``) and ``folder/variant.yml``, each atomically; returns the
+    "algm_bench": meta}``), then ``folder/variant.yml``, each atomically; returns the
     checkpoint's path. The method's own state is not part of a Segmenter checkpoint."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
                if k.startswith(("encoder.", "decoder."))}
     path = folder / "checkpoint.pth"
-    atomic.write_text(folder / "variant.yml", yaml.safe_dump(dict(variant), sort_keys=False))
     atomic.save_torch({"model": weights, "algm_bench": dict(meta or {})}, path)
+    # last: the variant marks the checkpoint complete (killed in between, no variant of this run)
+    atomic.write_text(folder / "variant.yml", yaml.safe_dump(dict(variant), sort_keys=False))
     return path
