@@ -115,6 +115,11 @@ def test_a_killed_finetune_resumes_to_the_same_weights(start, tmp_path, monkeypa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # a finished run is returned as is; another model in --out needs --overwrite
     assert run(start, tmp_path / "resumed", "--freeze-blocks", "5") == 0
+    # killed between the checkpoint and its variant.yml: the run's own checkpoint is not "another model"
+    (tmp_path / "resumed" / "variant.yml").unlink()
+    assert run(start, tmp_path / "resumed", "--freeze-blocks", "5") == 0
+    c = weights(tmp_path / "resumed" / "checkpoint.pth")
+    assert (tmp_path / "resumed" / "variant.yml").is_file() and all(torch.equal(a[k], c[k]) for k in a)
     assert run(start, tmp_path / "resumed", "--freeze-blocks", "6") == 2
     assert "holds another model; pass another --out or --overwrite" in capsys.readouterr().err
 

@@ -166,10 +166,15 @@ def finetune(setup: Setup, config: FinetuneConfig, out: str | Path, *, split: st
     data = open_split(setup, split, dataset, root, limit)
     identity = finetune_identity(setup, config, split, frame_names(data))
     key = digest(identity)
-    if finished_key(out) == key and _load_finished(model, out / "checkpoint.pth", key):
-        return FinetuneResult(out / "checkpoint.pth", read_variant(out / "variant.yml")["algm_bench"])
-    if (out / "checkpoint.pth").exists() and not overwrite:
-        raise ValueError(f"{out / 'checkpoint.pth'} holds another model; pass another --out or --overwrite")
+    done = out / "checkpoint.pth"
+    own = _own_checkpoint(done, key)  # this run's weights (a kill may have come before its variant)
+    if own is not None and finished_key(out) == key:
+        weights = check_state_dict(own["model"], done)
+        strict_load(nn.ModuleDict({"encoder": model.encoder, "decoder": model.decoder}), weights,
+                    f"checkpoint {done}")
+        return FinetuneResult(done, read_variant(out / "variant.yml")["algm_bench"])
+    if done.exists() and own is None and not overwrite:
+        raise ValueError(f"{done} holds another model; pass another --out or --overwrite")
     work = cache_folder(cache, "finetune", f"{cache_label(setup, split)}-{key}")
     dev = torch.device(device)
     step, n_items, prefix_seconds = _step_function(setup, config, data, split, dev, cache, progress)
@@ -196,17 +201,13 @@ def finetune(setup: Setup, config: FinetuneConfig, out: str | Path, *, split: st
     return FinetuneResult(path, record)
 
 
-def _load_finished(model: nn.Module, path: Path, key: str) -> bool:
-    """Load the encoder and decoder weights of the finished fine-tune ``key`` into
-    ``model`` (strict); False if ``path`` is missing or holds another run."""
+def _own_checkpoint(path: Path, key: str) -> dict | None:
+    """The contents of ``path`` if it is the checkpoint this fine-tune (``key``) wrote."""
     if not path.is_file():
-        return False
+        return None
     blob = load_torch_file(path)
-    if (blob.get("algm_bench") or {}).get("key") != key:
-        return False
-    weights = check_state_dict(blob["model"], path)
-    strict_load(nn.ModuleDict({"encoder": model.encoder, "decoder": model.decoder}), weights, f"checkpoint {path}")
-    return True
+    ours = isinstance(blob, dict) and (blob.get("algm_bench") or {}).get("key") == key
+    return blob if ours else None
 
 
 def _step_function(setup: Setup, config: FinetuneConfig, data, split: str, device: torch.device,
