@@ -26,12 +26,16 @@ PUBLISHED_CELLS = ("gflops", "miou", "speedup")
 @dataclass(frozen=True)
 class Throughput:
     """Timing settings; ``contended_retries``: re-timings of a CPU measurement that
-    competed with other processes (see :func:`suites.measure._throughput`)."""
+    competed with other processes (see :func:`suites.measure._throughput`).
+    ``min_images``: each batch size is timed for at least this many images per model, so
+    the short forwards of small batches, the most disturbed, get more repeats
+    (:meth:`repeats_at`)."""
 
     batch_sizes: tuple[int, ...] = (1, 8)
     batch_kind: str = "mixed"
     warmup: int = 3
     repeats: int = 5
+    min_images: int = 0
     contended_retries: int = 2
     breakdown: bool = False  # per-stage timing at the first batch size: overhead and bound columns
 
@@ -41,8 +45,12 @@ class Throughput:
         if self.batch_kind not in BATCH_KINDS:
             raise ValueError(f"throughput.batch_kind must be one of {', '.join(BATCH_KINDS)}, "
                              f"got {self.batch_kind!r}")
-        if self.warmup < 0 or self.repeats < 1 or self.contended_retries < 0:
-            raise ValueError("throughput: warmup and contended_retries must be >= 0, repeats >= 1")
+        if self.warmup < 0 or self.repeats < 1 or self.contended_retries < 0 or self.min_images < 0:
+            raise ValueError("throughput: warmup, min_images and contended_retries must be >= 0, repeats >= 1")
+
+    def repeats_at(self, batch_size: int) -> int:
+        """Timed forwards per model at ``batch_size``."""
+        return max(self.repeats, -(-self.min_images // batch_size))
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from algm.measure.allocator import POLICY
+
 
 def cpu_model() -> str:
     try:
@@ -46,6 +48,7 @@ def machine_record(device: str = "cpu") -> dict:
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_allocator": POLICY,  # how CPU forwards are timed (algm.measure.allocator)
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": device,

@@ -23,6 +23,7 @@ from algm.config import DecoderConfig, get_backbone, get_dataset
 from algm.data.datasets import build_dataset
 from algm.data.windows import center_window, mixed_groups
 from algm.evaluate import evaluate
+from algm.measure.allocator import POLICY
 from algm.measure.breakdown import measure_breakdown
 from algm.measure.flops import average_flops, count_flops
 from algm.measure.throughput import CONTENDED_BELOW, measure_interleaved
@@ -116,12 +117,19 @@ def measure_row(suite: Suite, plan_row: Row, opts: RunOptions) -> dict:
     return row
 
 
-def contended_sizes(row: dict) -> list[int]:
-    return [int(k[len("contended_b"):]) for k, v in row.items() if k.startswith("contended_b") and v]
+def stale_sizes(row: dict) -> list[int]:
+    """The batch sizes of a cached row to time again: contended ones, and those timed
+    under another host allocator policy (or before rows recorded it and the GFLOPs of
+    their timed batch, ``timed_gflops_bN``)."""
+    contended = {int(k[len("contended_b"):]) for k, v in row.items() if k.startswith("contended_b") and v}
+    timed = {int(k[len("ims_b"):]) for k in row if k.startswith("ims_b") and k[len("ims_b"):].isdigit()}
+    if row.get("cpu_allocator") != POLICY:
+        return sorted(timed)
+    return sorted(contended | {b for b in timed if f"timed_gflops_b{b}" not in row})
 
 
 def retime(suite: Suite, plan_row: Row, row: dict, opts: RunOptions) -> dict:
-    """``row`` with the throughput of its contended batch sizes measured again."""
+    """``row`` with the throughput of its :func:`stale_sizes` measured again."""
     pretrained = get_backbone(plan_row.backbone).weights is not None
     setup = setup_for(suite, plan_row.backbone, plan_row.setting, pretrained, plan_row.checkpoint)
     baseline = baseline_for(suite, plan_row, setup)
@@ -129,7 +137,9 @@ def retime(suite: Suite, plan_row: Row, row: dict, opts: RunOptions) -> dict:
     baseline.model.eval()
     row = dict(row)
     if distributed.is_main():
-        for b in contended_sizes(row):
+        if suite.throughput.breakdown and row.get("cpu_allocator") != POLICY:
+            row.update(_breakdown(suite, setup, baseline, opts))  # its fixed share moves with the policy
+        for b in stale_sizes(row):
             row.update(_throughput(suite, setup, baseline, b, opts, plan_row.setting.batch))
     return row
 
@@ -198,7 +208,9 @@ def _throughput(suite: Suite, setup: Setup, baseline: Setup, batch_size: int, op
     :func:`~algm.measure.throughput.measure_interleaved`). A CPU timing that competed with
     other processes (utilisation below :data:`~algm.measure.throughput.CONTENDED_BELOW`)
     is repeated up to ``suite.throughput.contended_retries`` times; the least disturbed
-    one is kept, and flagged if it is still contended. The batch is the suite's
+    one is kept, and flagged if it is still contended. ``timed_gflops_bN`` is the GFLOPs
+    per image of the timed batch (an adaptive method's differ from the row's mean over
+    ``flops_images`` frames). The batch is the suite's
     ``batch_kind`` of that size, except at a batched setting's own size (``row_batch``):
     the first group of :func:`mixed_batches`, images spread over the split."""
     tp = suite.throughput
@@ -206,24 +218,27 @@ def _throughput(suite: Suite, setup: Setup, baseline: Setup, batch_size: int, op
         batch = next(mixed_batches(suite, setup, batch_size, batch_size, opts))
     else:
         batch = setup.batch(suite.split, batch_size, tp.batch_kind, opts.data_root)
+    # Frames merge differently: the speed-up compares with the GFLOPs of this very batch.
+    timed_gflops = count_flops(setup.model, batch) / batch.shape[0]
     batch = batch.to(opts.device)
     models = [s.model.to(opts.device) for s in ((setup,) if baseline is setup else (setup, baseline))]
-    results = measure_interleaved(models, batch, tp.warmup, tp.repeats)
+    repeats = tp.repeats_at(batch.shape[0])
+    results = measure_interleaved(models, batch, tp.warmup, repeats)
     for _ in range(tp.contended_retries):
         if not _least_utilisation(results) < CONTENDED_BELOW:
             break
-        again = measure_interleaved(models, batch, tp.warmup, tp.repeats)
+        again = measure_interleaved(models, batch, tp.warmup, repeats)
         results = max(results, again, key=_least_utilisation)
     for model in models:
         model.to("cpu")
     result, util = results[0], _least_utilisation(results)
-    out = {f"ims_b{batch_size}": result.images_per_s,
+    out = {f"ims_b{batch_size}": result.images_per_s, f"timed_gflops_b{batch_size}": timed_gflops,
            f"ims_b{batch_size}_median": result.median_images_per_s,
            f"ims_b{batch_size}_std": result.std_images_per_s,
            f"peak_mem_b{batch_size}_mib": result.peak_memory_mib,
            f"cpu_util_b{batch_size}": util,
            f"contended_b{batch_size}": util < CONTENDED_BELOW,
-           "batch_kind": tp.batch_kind}
+           "batch_kind": tp.batch_kind, "cpu_allocator": POLICY}
     if len(results) > 1:
         out[f"base_ims_b{batch_size}"] = results[1].images_per_s
     return out
@@ -236,7 +251,7 @@ def _breakdown(suite: Suite, setup: Setup, baseline: Setup, opts: RunOptions) ->
     tp = suite.throughput
     b = tp.batch_sizes[0]
     batch = setup.batch(suite.split, b, tp.batch_kind, opts.data_root).to(opts.device)
-    results = [measure_breakdown(s.model.to(opts.device), batch, tp.warmup, tp.repeats)
+    results = [measure_breakdown(s.model.to(opts.device), batch, tp.warmup, tp.repeats_at(b))
                for s in dict.fromkeys((setup, baseline))]
     for s in (setup, baseline):
         s.model.to("cpu")

@@ -47,7 +47,8 @@ def columns(df: pd.DataFrame) -> list[tuple]:
     speed = []
     for b in batch_sizes(df):
         speed += [(f"ims_b{b}", f"im/s b{b}", "{:.2f}", "max"),
-                  (f"speedup_b{b}", f"speed-up b{b}", "{:.2f}x", "max")]
+                  (f"speedup_b{b}", f"speed-up b{b}", "{:.2f}x", "max"),
+                  (f"efficiency_b{b}", f"speed-up / GFLOPs ratio b{b}", "{:.2f}", None)]
     tail = TAIL_COLUMNS
     if _finetuned(df).any():  # the trained column holds whole models fine-tuned with the method
         tail = [(c, "mIoU fine-tuned w/ method" if c == "miou_trained" else h, f, r) for c, h, f, r in tail]
@@ -72,11 +73,16 @@ def to_frame(rows: list[dict]) -> pd.DataFrame:
         df[f"speedup_b{b}"] = df[f"ims_b{b}"] / paired.fillna(ref(f"ims_b{b}"))
         # images/s at the baseline row's pace: rows timed at different minutes compare fairly
         df[f"paced_ims_b{b}"] = df[f"speedup_b{b}"] * ref(f"ims_b{b}")
+        if f"timed_gflops_b{b}" in df:  # 1.0: the speed-up is all the GFLOPs cut promises
+            df[f"efficiency_b{b}"] = df[f"speedup_b{b}"] * df[f"timed_gflops_b{b}"] / ref("gflops")
     best = df[["miou", "miou_trained"]].max(axis=1)
     df["d_miou"] = best - ref("miou")
     if "fixed_share" in df:
         df["overhead_pct"] = df.overhead_share * 100
-        ratio = ref("gflops") / df.gflops
+        # at the GFLOPs of the batch the breakdown timed, where the row has them
+        timed = df.apply(lambda r: r.get(f"timed_gflops_b{r.breakdown_batch:.0f}", math.nan)
+                         if pd.notna(r.get("breakdown_batch")) else math.nan, axis=1)
+        ratio = ref("gflops") / timed.fillna(df.gflops)
         df["bound"] = [speedup_bound(f, g) if pd.notna(f) and pd.notna(g) else math.nan
                        for f, g in zip(df.fixed_share, ratio)]
     return df
@@ -274,8 +280,8 @@ def _breakdown_note(df: pd.DataFrame) -> str:
     return (f"\nMethod overhead: the share of the forward spent in the method's own steps (merging, "
             f"pruning, scoring), timed stage by stage at batch {int(df.breakdown_batch.dropna().iloc[0])} "
             f"(`algm-bench throughput --breakdown`). Speed-up bound: what the baseline's fixed stages "
-            f"(patch embed, restore, upsample) allow at the row's GFLOPs ratio, with no overhead "
-            f"(Amdahl): a speed-up near it wastes nothing.\n")
+            f"(patch embed, restore, upsample) allow at the GFLOPs ratio of the timed batch, with no "
+            f"overhead (Amdahl): a speed-up near it wastes nothing.\n")
 
 
 def _batched_note(df: pd.DataFrame) -> str:
@@ -293,9 +299,15 @@ def _batched_note(df: pd.DataFrame) -> str:
 def _speedup_note(df: pd.DataFrame) -> str:
     if not any(c.startswith("base_ims_b") for c in df.columns):
         return ""
-    return ("\nSpeed-up: a row's images/s over those of the baseline timed interleaved with it "
+    note = ("\nSpeed-up: a row's images/s over those of the baseline timed interleaved with it "
             "(same batch, forward by forward), so a change in machine speed between rows "
-            "does not enter the ratio.\n")
+            "does not enter the ratio.")
+    if any(c.startswith("timed_gflops_b") for c in df.columns):
+        note += (" Speed-up / GFLOPs ratio: the speed-up divided by the baseline's GFLOPs over those "
+                 "of the timed batch itself (an adaptive method merges each frame differently, so "
+                 "they differ from the GFLOPs column, a mean over more frames); 1.00 means the "
+                 "forward got as much faster as its GFLOPs fell.")
+    return note + "\n"
 
 
 # Every file a suite run may write into its out dir; publish() replaces them as one set.

@@ -30,7 +30,7 @@ from algm.training.finetune import finetune
 from algm.training.head import load_head
 from suites.definition import Setting, Suite
 from suites.machine import machine_record
-from suites.measure import (contended_sizes, has_data, measure_row, retime, setup_for, train_missing_parts,
+from suites.measure import (has_data, measure_row, retime, setup_for, stale_sizes, train_missing_parts,
                             trained_head)
 from suites.plan import CHECKPOINT_FILE, Row, RunOptions, checkpoint_path, plan, selected_backbones
 
@@ -47,7 +47,7 @@ def row_key(suite: Suite, row: Row, opts: RunOptions) -> str:
         "method": setting.method, "options": setting.options, "train": setting.train,
         "decoder": suite.decoder, "window": suite.window_for(row.backbone),
         "flops_images": suite.flops_images, "miou_images": suite.miou_images,
-        "window_batch_size": suite.window_batch_size, "throughput": asdict(suite.throughput),
+        "window_batch_size": suite.window_batch_size, "throughput": _throughput_config(suite),
         "flops_only": opts.flops_only or row.gflops_only, "device": opts.device,
         "data_root": opts.data_root, "missing": row.missing, "trained": row.trained,
         "checkpoint": _content(row.checkpoint), "baseline": _content(row.baseline),
@@ -55,6 +55,15 @@ def row_key(suite: Suite, row: Row, opts: RunOptions) -> str:
     if setting.batch is not None:  # only when set: the keys of unbatched rows stay as they were
         config["batch"] = setting.batch
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _throughput_config(suite: Suite) -> dict:
+    """The timing settings a row depends on; ``min_images`` only when set, so that the
+    keys of suites without it stay as they were."""
+    config = asdict(suite.throughput)
+    if not config["min_images"]:
+        del config["min_images"]
+    return config
 
 
 def _content(path: Path | None) -> str | None:
@@ -85,7 +94,7 @@ def run_suite(suite: Suite, opts: RunOptions) -> list[dict]:
             start = time.perf_counter()
             row = measure_row(suite, row_plan, opts)
             row["seconds"] = time.perf_counter() - start  # training of missing parts included
-        elif contended_sizes(row) and not row_plan.gflops_only:  # competed with other processes: time it again
+        elif stale_sizes(row) and not row_plan.gflops_only:  # contended, or timed by an older version
             row = retime(suite, row_plan, row, opts)
         if main:
             atomic.write_json(path, {"format": ROW_FORMAT, "key": key, "row": row}, indent=None)

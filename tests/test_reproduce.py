@@ -104,6 +104,8 @@ def test_commands_take_everything_from_the_checkpoint(zoo, capsys):
     assert fl["backbone"] == "vit-s16" and fl["crop"] == [WINDOW, WINDOW] and fl["images"] == 2
     tp = run_json(["throughput", *common, "--method", "algm", "--warmup", "0", "--repeats", "1"], capsys)
     assert tp["images_per_s"] > 0
+    first = run_json(["flops", *common, "--method", "algm", "--limit", "1"], capsys)
+    assert tp["gflops"] == pytest.approx(first["gflops"])  # the timed batch is the first frame
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -85,6 +85,19 @@ def test_a_contended_timing_is_timed_again_not_reused(bench):
     assert (code, measured, retimed) == (0, [], ["algm"])
 
 
+def test_rows_record_the_gflops_of_their_timed_batch_and_older_rows_are_timed_again(bench):
+    bench()
+    none = json.loads(row_file(bench.rows, "none").read_text())["row"]
+    assert none["timed_gflops_b1"] == pytest.approx(none["gflops"])  # no reduction: every frame alike
+    path = row_file(bench.rows, "algm")
+    entry = json.loads(path.read_text())
+    assert 0 < entry["row"]["timed_gflops_b1"] < none["gflops"]
+    del entry["row"]["timed_gflops_b1"]  # as rows cached by an older version
+    path.write_text(json.dumps(entry))
+    assert bench() == (0, [], ["algm"])
+    assert "timed_gflops_b1" in json.loads(path.read_text())["row"]
+
+
 def test_a_flops_only_rerun_leaves_no_stale_report(bench, tmp_path):
     out = tmp_path / "out"
     bench()

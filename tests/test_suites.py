@@ -66,6 +66,8 @@ def test_row_key_changes_with_every_knob(tmp_path):
     assert a != row_key(suite, Row("vit-s14", Setting("algm", {"tau": 0.9}, train=True)), opts)
     assert a != row_key(suite, Row("vit-s14", Setting("algm", {"tau": 0.9})), RunOptions(device="cuda"))
     assert a != row_key(dataclasses.replace(suite, window_batch_size=4), Row("vit-s14", Setting("algm", {"tau": 0.9})), opts)
+    fewer = dataclasses.replace(suite.throughput, min_images=suite.throughput.min_images // 2)
+    assert a != row_key(dataclasses.replace(suite, throughput=fewer), Row("vit-s14", Setting("algm", {"tau": 0.9})), opts)
     ckpt = tmp_path / "checkpoint.pth"
     ckpt.write_bytes(b"one")
     with_ckpt = row_key(suite, Row("vit-s14", Setting("algm"), ckpt, ckpt), opts)
@@ -85,6 +87,16 @@ def test_batched_settings_add_a_key_only_where_set():
     assert len(keys | {old[1][1]}) == 3
     assert Setting("algm", {"batch_policy": "per_image"}, batch=8).label() == "algm(batch=8, batch_policy=per_image)"
     assert Setting("algm", {"tau": 0.9}).label() == "algm(tau=0.9)"
+
+
+def test_small_batches_are_timed_for_at_least_min_images():
+    from suites.definition import Throughput
+
+    tp = Throughput((1, 4, 8), repeats=5, min_images=20)
+    assert [tp.repeats_at(b) for b in (1, 3, 4, 8, 64)] == [20, 7, 5, 5, 5]
+    assert Throughput(repeats=5).repeats_at(1) == 5
+    with pytest.raises(ValueError, match="min_images"):
+        Throughput(min_images=-1)
 
 
 def test_batch_key_is_read_and_checked(tmp_path):
@@ -229,6 +241,34 @@ def test_speedup_uses_the_interleaved_baseline():
     # the plotted rate puts every row at the baseline row's pace
     assert df.loc["algm(tau=0.9)", "paced_ims_b1"] == pytest.approx(15.0)
     assert df.loc["none", "paced_ims_b1"] == pytest.approx(10.0)
+
+
+def test_efficiency_and_bound_use_the_gflops_of_the_timed_batch():
+    rows = [dict(ROWS[0], timed_gflops_b1=40.0, breakdown_batch=1, fixed_share=0.1),
+            dict(ROWS[1], timed_gflops_b1=32.0, breakdown_batch=1, fixed_share=0.2, overhead_share=0.01)]
+    df = to_frame(rows).set_index("setting")
+    # speed-up 12 / 10 over a GFLOPs ratio of 40 / 32 (the row's mean over frames is 30)
+    assert df.loc["algm(tau=0.9)", "efficiency_b1"] == pytest.approx(1.2 * 32 / 40)
+    assert df.loc["none", "efficiency_b1"] == pytest.approx(1.0)
+    assert "efficiency_b8" not in df  # no timed GFLOPs at b8: no ratio rather than a wrong one
+    assert df.loc["algm(tau=0.9)", "bound"] == pytest.approx(1 / (0.2 + 0.8 * 32 / 40))
+    md = markdown_table(to_frame(rows))
+    assert "| speed-up / GFLOPs ratio b1 |" in md and "| 0.96 |" in md
+    # rows cached before timed GFLOPs were recorded: the bound falls back to the row's GFLOPs
+    old = to_frame([{k: v for k, v in r.items() if k != "timed_gflops_b1"} for r in rows]).set_index("setting")
+    assert old.loc["algm(tau=0.9)", "bound"] == pytest.approx(1 / (0.2 + 0.8 * 30 / 40))
+
+
+def test_stale_sizes_are_contended_lack_their_timed_gflops_or_used_another_allocator():
+    from algm.measure.allocator import POLICY
+    from suites.measure import stale_sizes
+
+    row = dict(ims_b1=1.0, timed_gflops_b1=2.0, contended_b1=False, ims_b4=1.0, contended_b4=False,
+               ims_b8=1.0, timed_gflops_b8=2.0, contended_b8=True, ims_b1_median=1.0, cpu_allocator=POLICY)
+    assert stale_sizes(row) == [4, 8]
+    assert stale_sizes(dict(row, timed_gflops_b4=2.0, contended_b8=False)) == []
+    assert stale_sizes(dict(row, timed_gflops_b4=2.0, contended_b8=False, cpu_allocator="other")) == [1, 4, 8]
+    assert stale_sizes({"gflops": 1.0}) == []  # a GFLOPs-only row has nothing to time
 
 
 def test_table_notes_say_how_speedups_were_timed(tmp_path):

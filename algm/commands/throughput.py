@@ -8,6 +8,7 @@ import torch
 
 from algm.commands.common import default_device, device, add_data_arguments, add_model_arguments, emit, has_weights, setup_from_args
 from algm.measure.breakdown import Breakdown, measure_breakdown
+from algm.measure.flops import count_flops
 from algm.measure.throughput import CONTENDED_BELOW, measure_throughput
 
 
@@ -55,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
     if args.amp:
         precision = "fp16" if device.type == "cuda" else "bf16"
     setup = setup_from_args(args, pretrained=has_weights(args.backbone))
-    batch = setup.batch(args.split, args.batch_size, args.batch_kind, args.data_root).to(device)
+    batch = setup.batch(args.split, args.batch_size, args.batch_kind, args.data_root)
+    # an adaptive method's GFLOPs depend on the frames: these are the timed batch's own
+    gflops = count_flops(setup.model, batch) / batch.shape[0]
+    batch = batch.to(device)
     backbone, dataset = setup.backbone.name, setup.dataset.name
     source = f"{dataset}/{args.split}"
     model = setup.model.to(device)
@@ -69,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         "backbone": backbone, "dataset": dataset, "method": args.method,
         "settings": setup.model.method.settings(), "crop": list(setup.window),
         "batch_kind": args.batch_kind, "images": source, "threads": torch.get_num_threads(),
+        "gflops": gflops,
     }
     if stages is not None:
         out["breakdown"] = stages.to_dict()
@@ -79,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         f"  {result.images_per_s:.2f} images/s (median {result.median_images_per_s:.2f}, "
         f"std {result.std_images_per_s:.2f}, latency {result.min_latency_s * 1e3:.1f}-"
         f"{result.max_latency_s * 1e3:.1f} ms over {result.repeats} runs)",
+        f"  {gflops:.2f} GFLOPs per image of this batch",
     ] + ([f"  peak GPU memory {result.peak_memory_mib:.0f} MiB"] if result.peak_memory_mib is not None else [])
       + ([f"  CPU utilisation {result.cpu_utilisation:.2f} of {torch.get_num_threads()} threads"
           + (" (other processes competed for the cores)" if result.cpu_utilisation < CONTENDED_BELOW else "")]

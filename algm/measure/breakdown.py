@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from algm.measure.allocator import freed_memory_kept
 from algm.measure.throughput import cuda_settings
 from algm.model.segmenter import Segmenter, SegmenterOutput
 from algm.precision import autocast_context
@@ -220,7 +222,8 @@ def measure_breakdown(model: Segmenter, batch: Tensor, warmup: int = 5, repeats:
     runs = []
     try:
         with torch.no_grad(), cuda_settings(batch.device, tf32, cudnn_benchmark), \
-                autocast_context(batch.device, precision):
+                autocast_context(batch.device, precision), \
+                (nullcontext() if batch.device.type == "cuda" else freed_memory_kept()):  # as whole forwards
             for i in range(warmup + repeats):
                 stages = time_stages(model, batch)[1]
                 if i >= warmup:

@@ -6,7 +6,9 @@ images/s = batch / mean latency; the spread across repeats is kept, since CPU ti
 here vary a lot between runs. On CPU the result also says how busy this process kept
 its intra-op threads during the timed forwards (``cpu_utilisation``: process CPU time
 over wall time x threads): well below 1, other processes competed for the cores and the
-figure understates the method's speed.
+figure understates the method's speed. Freed host memory stays in the process while CPU
+forwards are timed (:mod:`algm.measure.allocator`), as GPU memory does in the CUDA
+caching allocator, so no timed forward pays page faults for its large tensors.
 
 On CUDA the numeric settings are explicit and recorded with the result: ``precision``
 (fp32, or autocast to bf16 / fp16), ``tf32`` (TF32 for the fp32 matmuls and convolutions;
@@ -20,13 +22,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from algm.measure.allocator import freed_memory_kept
 from algm.precision import autocast_context
 
 
@@ -127,7 +130,8 @@ def measure_interleaved(models: Sequence[nn.Module], batch: Tensor, warmup: int 
     cpu_seconds = [0.0] * len(runs)
     peaks = [0] * len(runs)
     try:
-        with torch.no_grad(), cuda_settings(device, tf32, cudnn_benchmark), autocast_context(device, precision):
+        with torch.no_grad(), cuda_settings(device, tf32, cudnn_benchmark), autocast_context(device, precision), \
+                (nullcontext() if cuda else freed_memory_kept()):
             for run in runs:
                 for _ in range(warmup):
                     run(batch)
