@@ -10,7 +10,7 @@ import pytest
 from algm.measure.allocator import POLICY
 
 # Whether a live 64 MiB tensor is an mmapped block (mallinfo2().hblkhd, glibc's mmapped
-# bytes): before, inside and after freed_memory_kept.
+# bytes): before, inside (after a nested use has ended) and after freed_memory_kept.
 PROBE = """
 import ctypes, torch
 from algm.measure.allocator import freed_memory_kept
@@ -24,7 +24,9 @@ def mapped():
     return libc.mallinfo2().hblkhd >= 2**26
 before = mapped()
 with freed_memory_kept():
-    inside = mapped()
+    with freed_memory_kept():
+        pass
+    inside = mapped()  # still inside the outer one
 print(before, inside, mapped())
 """
 

@@ -46,16 +46,24 @@ def _set(*settings: tuple[int, int]) -> None:
             raise OSError(f"mallopt refused parameter {param} = {value}")
 
 
+_depth = 0  # nested uses (a timed benchmark case calling a timing function) act once
+
+
 @contextmanager
 def freed_memory_kept() -> Iterator[str]:
     """Run the block with freed host memory kept in the process (a no-op off glibc);
     yields :data:`POLICY`."""
+    global _depth
     if _LIBC is None:
         yield POLICY
         return
-    _set((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER))
+    if _depth == 0:
+        _set((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER))
+    _depth += 1
     try:
         yield POLICY
     finally:
-        _set(*_AFTER)
-        _LIBC.malloc_trim(0)
+        _depth -= 1
+        if _depth == 0:
+            _set(*_AFTER)
+            _LIBC.malloc_trim(0)
