@@ -45,6 +45,10 @@ class Throughput:
         if self.batch_kind not in BATCH_KINDS:
             raise ValueError(f"throughput.batch_kind must be one of {', '.join(BATCH_KINDS)}, "
                              f"got {self.batch_kind!r}")
+        for name in ("warmup", "repeats", "min_images", "contended_retries"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"throughput.{name} must be a whole number, got {value!r}")
         if self.warmup < 0 or self.repeats < 1 or self.contended_retries < 0 or self.min_images < 0:
             raise ValueError("throughput: warmup, min_images and contended_retries must be >= 0, repeats >= 1")
 

@@ -97,6 +97,12 @@ def test_small_batches_are_timed_for_at_least_min_images():
     assert Throughput(repeats=5).repeats_at(1) == 5
     with pytest.raises(ValueError, match="min_images"):
         Throughput(min_images=-1)
+    for bad in (2.5, "20", True):
+        with pytest.raises(ValueError) as err:
+            Throughput(min_images=bad)
+        assert str(err.value) == f"throughput.min_images must be a whole number, got {bad!r}"
+    with pytest.raises(ValueError, match=r"throughput.repeats must be a whole number, got 2.5"):
+        Throughput(repeats=2.5)
 
 
 def test_batch_key_is_read_and_checked(tmp_path):
