@@ -123,13 +123,19 @@ def stale_sizes(row: dict) -> list[int]:
     their timed batch, ``timed_gflops_bN``)."""
     contended = {int(k[len("contended_b"):]) for k, v in row.items() if k.startswith("contended_b") and v}
     timed = {int(k[len("ims_b"):]) for k in row if k.startswith("ims_b") and k[len("ims_b"):].isdigit()}
-    if row.get("cpu_allocator") != POLICY:
+    if _other_policy(row):
         return sorted(timed)
     return sorted(contended | {b for b in timed if f"timed_gflops_b{b}" not in row})
 
 
+def _other_policy(row: dict) -> bool:
+    """Timed under another host allocator policy than this process's, or before rows recorded it."""
+    return row.get("cpu_allocator") != POLICY
+
+
 def retime(suite: Suite, plan_row: Row, row: dict, opts: RunOptions) -> dict:
-    """``row`` with the throughput of its :func:`stale_sizes` measured again."""
+    """``row`` with the throughput of its :func:`stale_sizes` measured again, and its
+    breakdown too where it was timed under another allocator policy."""
     pretrained = get_backbone(plan_row.backbone).weights is not None
     setup = setup_for(suite, plan_row.backbone, plan_row.setting, pretrained, plan_row.checkpoint)
     baseline = baseline_for(suite, plan_row, setup)
@@ -137,7 +143,7 @@ def retime(suite: Suite, plan_row: Row, row: dict, opts: RunOptions) -> dict:
     baseline.model.eval()
     row = dict(row)
     if distributed.is_main():
-        if suite.throughput.breakdown and row.get("cpu_allocator") != POLICY:
+        if suite.throughput.breakdown and _other_policy(row):
             row.update(_breakdown(suite, setup, baseline, opts))  # its fixed share moves with the policy
         for b in stale_sizes(row):
             row.update(_throughput(suite, setup, baseline, b, opts, plan_row.setting.batch))
