@@ -29,7 +29,10 @@ class Throughput:
     competed with other processes (see :func:`suites.measure._throughput`).
     ``min_images``: each batch size is timed for at least this many images per model, so
     the short forwards of small batches, the most disturbed, get more repeats
-    (:meth:`repeats_at`)."""
+    (:meth:`repeats_at`). ``breakdown``: per-stage timing at the first batch size (the
+    overhead and bound columns). ``attainable``: every reduced row also times a
+    zero-cost reduction to its GFLOPs beside it (:mod:`algm.measure.attainable`, the
+    attainable speed-up column)."""
 
     batch_sizes: tuple[int, ...] = (1, 8)
     batch_kind: str = "mixed"
@@ -37,7 +40,8 @@ class Throughput:
     repeats: int = 5
     min_images: int = 0
     contended_retries: int = 2
-    breakdown: bool = False  # per-stage timing at the first batch size: overhead and bound columns
+    breakdown: bool = False
+    attainable: bool = False
 
     def __post_init__(self):
         if not self.batch_sizes or any(not isinstance(b, int) or b < 1 for b in self.batch_sizes):
@@ -49,6 +53,9 @@ class Throughput:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"throughput.{name} must be a whole number, got {value!r}")
+        for name in ("breakdown", "attainable"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"throughput.{name} must be true or false, got {getattr(self, name)!r}")
         if self.warmup < 0 or self.repeats < 1 or self.contended_retries < 0 or self.min_images < 0:
             raise ValueError("throughput: warmup, min_images and contended_retries must be >= 0, repeats >= 1")
 

@@ -24,6 +24,7 @@ from algm.data.datasets import build_dataset
 from algm.data.windows import center_window, mixed_groups
 from algm.evaluate import evaluate
 from algm.measure.allocator import POLICY
+from algm.measure.attainable import ZeroCostReduction, matched_tokens
 from algm.measure.breakdown import measure_breakdown
 from algm.measure.flops import average_flops, count_flops
 from algm.measure.throughput import CONTENDED_BELOW, measure_interleaved
@@ -117,15 +118,19 @@ def measure_row(suite: Suite, plan_row: Row, opts: RunOptions) -> dict:
     return row
 
 
-def stale_sizes(row: dict) -> list[int]:
-    """The batch sizes of a cached row to time again: contended ones, and those timed
-    under another host allocator policy (or before rows recorded it and the GFLOPs of
-    their timed batch, ``timed_gflops_bN``)."""
+def stale_sizes(row: dict, suite: Suite) -> list[int]:
+    """The batch sizes of a cached row to time again: contended ones, those timed under
+    another host allocator policy (or before rows recorded it and the GFLOPs of their
+    timed batch, ``timed_gflops_bN``) and, where the suite asks for the attainable
+    speed-up, those of a reduced row without it."""
     contended = {int(k[len("contended_b"):]) for k, v in row.items() if k.startswith("contended_b") and v}
     timed = {int(k[len("ims_b"):]) for k in row if k.startswith("ims_b") and k[len("ims_b"):].isdigit()}
     if _other_policy(row):
         return sorted(timed)
-    return sorted(contended | {b for b in timed if f"timed_gflops_b{b}" not in row})
+    lacking = {b for b in timed if f"timed_gflops_b{b}" not in row}
+    if suite.throughput.attainable and row.get("method") != "none":
+        lacking |= {b for b in timed if f"attainable_ims_b{b}" not in row}
+    return sorted(contended | lacking)
 
 
 def _other_policy(row: dict) -> bool:
@@ -145,7 +150,7 @@ def retime(suite: Suite, plan_row: Row, row: dict, opts: RunOptions) -> dict:
     if distributed.is_main():
         if suite.throughput.breakdown and _other_policy(row):
             row.update(_breakdown(suite, setup, baseline, opts))  # its fixed share moves with the policy
-        for b in stale_sizes(row):
+        for b in stale_sizes(row, suite):
             row.update(_throughput(suite, setup, baseline, b, opts, plan_row.setting.batch))
     return row
 
@@ -216,7 +221,9 @@ def _throughput(suite: Suite, setup: Setup, baseline: Setup, batch_size: int, op
     is repeated up to ``suite.throughput.contended_retries`` times; the least disturbed
     one is kept, and flagged if it is still contended. ``timed_gflops_bN`` is the GFLOPs
     per image of the timed batch (an adaptive method's differ from the row's mean over
-    ``flops_images`` frames). The batch is the suite's
+    ``flops_images`` frames). With ``throughput.attainable`` a reduced row times a third
+    model too, the baseline under :class:`~algm.measure.attainable.ZeroCostReduction` at
+    those GFLOPs (``attainable_ims_bN``, ``attainable_tokens_bN``). The batch is the suite's
     ``batch_kind`` of that size, except at a batched setting's own size (``row_batch``):
     the first group of :func:`mixed_batches`, images spread over the split."""
     tp = suite.throughput
@@ -226,8 +233,14 @@ def _throughput(suite: Suite, setup: Setup, baseline: Setup, batch_size: int, op
         batch = setup.batch(suite.split, batch_size, tp.batch_kind, opts.data_root)
     # Frames merge differently: the speed-up compares with the GFLOPs of this very batch.
     timed_gflops = count_flops(setup.model, batch) / batch.shape[0]
+    models = [s.model for s in ((setup,) if baseline is setup else (setup, baseline))]
+    zero_cost_tokens = None
+    if tp.attainable and baseline is not setup:  # matched on the CPU, as timed_gflops is counted
+        k = matched_tokens(baseline.model, batch, timed_gflops)
+        models.append(baseline.model.with_method(ZeroCostReduction(k)))
+        zero_cost_tokens = k + 1  # cls included, as tokens_per_layer counts
     batch = batch.to(opts.device)
-    models = [s.model.to(opts.device) for s in ((setup,) if baseline is setup else (setup, baseline))]
+    models = [m.to(opts.device) for m in models]
     repeats = tp.repeats_at(batch.shape[0])
     results = measure_interleaved(models, batch, tp.warmup, repeats)
     for _ in range(tp.contended_retries):
@@ -247,6 +260,9 @@ def _throughput(suite: Suite, setup: Setup, baseline: Setup, batch_size: int, op
            "batch_kind": tp.batch_kind, "cpu_allocator": POLICY}
     if len(results) > 1:
         out[f"base_ims_b{batch_size}"] = results[1].images_per_s
+    if zero_cost_tokens is not None:
+        out[f"attainable_ims_b{batch_size}"] = results[2].images_per_s
+        out[f"attainable_tokens_b{batch_size}"] = zero_cost_tokens
     return out
 
 

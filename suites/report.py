@@ -48,7 +48,8 @@ def columns(df: pd.DataFrame) -> list[tuple]:
     for b in batch_sizes(df):
         speed += [(f"ims_b{b}", f"im/s b{b}", "{:.2f}", "max"),
                   (f"speedup_b{b}", f"speed-up b{b}", "{:.2f}x", "max"),
-                  (f"efficiency_b{b}", f"speed-up / GFLOPs ratio b{b}", "{:.2f}", None)]
+                  (f"efficiency_b{b}", f"speed-up / GFLOPs ratio b{b}", "{:.2f}", None),
+                  (f"attainable_b{b}", f"attainable speed-up b{b}", "{:.2f}x", None)]
     tail = TAIL_COLUMNS
     if _finetuned(df).any():  # the trained column holds whole models fine-tuned with the method
         tail = [(c, "mIoU fine-tuned w/ method" if c == "miou_trained" else h, f, r) for c, h, f, r in tail]
@@ -75,6 +76,8 @@ def to_frame(rows: list[dict]) -> pd.DataFrame:
         df[f"paced_ims_b{b}"] = df[f"speedup_b{b}"] * ref(f"ims_b{b}")
         if f"timed_gflops_b{b}" in df:  # 1.0: the speed-up is all the GFLOPs cut promises
             df[f"efficiency_b{b}"] = df[f"speedup_b{b}"] * df[f"timed_gflops_b{b}"] / ref("gflops")
+        if f"attainable_ims_b{b}" in df:  # a zero-cost reduction to the same GFLOPs, same baseline
+            df[f"attainable_b{b}"] = df[f"attainable_ims_b{b}"] / paired
     best = df[["miou", "miou_trained"]].max(axis=1)
     df["d_miou"] = best - ref("miou")
     if "fixed_share" in df:
@@ -307,6 +310,12 @@ def _speedup_note(df: pd.DataFrame) -> str:
                  "of the timed batch itself (an adaptive method merges each frame differently, so "
                  "they differ from the GFLOPs column, a mean over more frames); 1.00 means the "
                  "forward got as much faster as its GFLOPs fell.")
+    if any(c.startswith("attainable_ims_b") for c in df.columns):
+        note += (" Attainable speed-up: that of the baseline keeping evenly spread tokens from the "
+                 "first block on at no cost, as many as give the GFLOPs of the row's timed batch, "
+                 "timed interleaved with the row and the baseline (`algm/measure/attainable.py`): "
+                 "what a cut to those GFLOPs gains on this machine when it costs nothing, with the "
+                 "fixed stages and the kernels' lower efficiency at fewer tokens.")
     return note + "\n"
 
 

@@ -59,8 +59,11 @@ def row_key(suite: Suite, row: Row, opts: RunOptions) -> str:
 
 def _throughput_config(suite: Suite) -> dict:
     """The timing settings a row depends on; ``min_images`` only when set, so that the
-    keys of suites without it stay as they were."""
+    keys of suites without it stay as they were. ``attainable`` is left out: it adds a
+    figure and changes none, so a cached row without it is timed again
+    (:func:`~suites.measure.stale_sizes`), not measured again."""
     config = asdict(suite.throughput)
+    del config["attainable"]
     if not config["min_images"]:
         del config["min_images"]
     return config
@@ -94,7 +97,7 @@ def run_suite(suite: Suite, opts: RunOptions) -> list[dict]:
             start = time.perf_counter()
             row = measure_row(suite, row_plan, opts)
             row["seconds"] = time.perf_counter() - start  # training of missing parts included
-        elif stale_sizes(row) and not row_plan.gflops_only:  # contended, or timed by an older version
+        elif stale_sizes(row, suite) and not row_plan.gflops_only:  # contended, or timed by an older version
             row = retime(suite, row_plan, row, opts)
         if main:
             atomic.write_json(path, {"format": ROW_FORMAT, "key": key, "row": row}, indent=None)

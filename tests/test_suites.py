@@ -237,6 +237,50 @@ def test_contended_throughput_is_retimed(monkeypatch):
     assert calls == [1] and row["contended_b1"] is False and "base_ims_b1" not in row
 
 
+def test_attainable_times_a_zero_cost_reduction_to_the_timed_gflops_beside_the_row(monkeypatch):
+    import torch
+
+    import suites.measure as measure
+    from algm.config import DecoderConfig, ViTConfig
+    from algm.measure.attainable import ZeroCostReduction
+    from algm.measure.flops import count_flops
+    from algm.measure.throughput import ThroughputResult
+    from algm.model.segmenter import build_segmenter
+    from suites.definition import Throughput
+
+    timed = []
+
+    def fake_measure(models, batch, warmup, repeats):
+        timed.append(models)
+        return [ThroughputResult(r, r, 0.0, 0.1, 0.1, 1, repeats, warmup, "cpu", "fp32", cpu_utilisation=1.0)
+                for r in (12.0, 10.0, 14.0)[:len(models)]]
+
+    monkeypatch.setattr(measure, "measure_interleaved", fake_measure)
+    torch.manual_seed(0)
+    cfg = ViTConfig("tiny", 64, 3, 2, 16, pos_grid=(4, 4))
+    base = build_segmenter(cfg, 5, DecoderConfig("mask")).eval()
+
+    class TinySetup:
+        def __init__(self, model):
+            self.model = model
+
+        def batch(self, *args):
+            return torch.randn(2, 3, 64, 96)
+
+    method = TinySetup(base.with_method(ZeroCostReduction(10)))  # stands in for a reducing method
+    suite = dataclasses.replace(load_suite("camvid"), throughput=Throughput((2,), attainable=True))
+    row = measure._throughput(suite, method, TinySetup(base), 2, RunOptions())
+    models = timed[0]
+    assert len(models) == 3 and models[1] is base and models[2].encoder is base.encoder
+    assert models[2].method.k == 10 and row["attainable_tokens_b2"] == 11  # same GFLOPs: same k, + cls
+    assert row["attainable_ims_b2"] == 14.0 and row["timed_gflops_b2"] == pytest.approx(
+        count_flops(method.model, torch.randn(2, 3, 64, 96)) / 2)
+    timed.clear()
+    alone = TinySetup(base)
+    row = measure._throughput(suite, alone, alone, 2, RunOptions())
+    assert [len(m) for m in timed] == [1] and "attainable_ims_b2" not in row  # none has nothing to attain
+
+
 def test_speedup_uses_the_interleaved_baseline():
     rows = [dict(r) for r in ROWS]
     rows[1]["base_ims_b1"] = 8.0  # the baseline ran slower while this row was timed
@@ -267,14 +311,48 @@ def test_efficiency_and_bound_use_the_gflops_of_the_timed_batch():
 
 def test_stale_sizes_are_contended_lack_their_timed_gflops_or_used_another_allocator():
     from algm.measure.allocator import POLICY
+    from suites.definition import Throughput
     from suites.measure import stale_sizes
 
-    row = dict(ims_b1=1.0, timed_gflops_b1=2.0, contended_b1=False, ims_b4=1.0, contended_b4=False,
-               ims_b8=1.0, timed_gflops_b8=2.0, contended_b8=True, ims_b1_median=1.0, cpu_allocator=POLICY)
-    assert stale_sizes(row) == [4, 8]
-    assert stale_sizes(dict(row, timed_gflops_b4=2.0, contended_b8=False)) == []
-    assert stale_sizes(dict(row, timed_gflops_b4=2.0, contended_b8=False, cpu_allocator="other")) == [1, 4, 8]
-    assert stale_sizes({"gflops": 1.0}) == []  # a GFLOPs-only row has nothing to time
+    suite = Suite(name="mini", dataset="camvid", split="val", backbones=("vit-s14",), settings=())
+    row = dict(method="algm", ims_b1=1.0, timed_gflops_b1=2.0, contended_b1=False, ims_b4=1.0,
+               contended_b4=False, ims_b8=1.0, timed_gflops_b8=2.0, contended_b8=True, ims_b1_median=1.0,
+               cpu_allocator=POLICY)
+    assert stale_sizes(row, suite) == [4, 8]
+    clean = dict(row, timed_gflops_b4=2.0, contended_b8=False)
+    assert stale_sizes(clean, suite) == []
+    assert stale_sizes(dict(clean, cpu_allocator="other"), suite) == [1, 4, 8]
+    assert stale_sizes({"gflops": 1.0}, suite) == []  # a GFLOPs-only row has nothing to time
+    # a suite that asks for the attainable speed-up re-times reduced rows that lack it
+    asks = dataclasses.replace(suite, throughput=Throughput(attainable=True))
+    assert stale_sizes(clean, asks) == [1, 4, 8]
+    assert stale_sizes(dict(clean, attainable_ims_b1=1.0, attainable_ims_b8=1.0), asks) == [4]
+    assert stale_sizes(dict(clean, method="none"), asks) == []
+
+
+def test_attainable_is_a_switch_that_leaves_row_keys_alone():
+    from suites.definition import Throughput
+
+    suite = load_suite("camvid")
+    assert suite.throughput.attainable
+    row = Row("vit-s14", Setting("algm", {"tau": 0.9}))
+    off = dataclasses.replace(suite, throughput=dataclasses.replace(suite.throughput, attainable=False))
+    assert row_key(suite, row, RunOptions()) == row_key(off, row, RunOptions())
+    for name in ("attainable", "breakdown"):
+        with pytest.raises(ValueError) as err:
+            Throughput(**{name: "yes"})
+        assert str(err.value) == f"throughput.{name} must be true or false, got 'yes'"
+
+
+def test_attainable_speedup_is_over_the_interleaved_baseline(tmp_path):
+    rows = [dict(ROWS[0]), dict(ROWS[1], base_ims_b1=8.0, attainable_ims_b1=14.0, attainable_tokens_b1=400)]
+    df = to_frame(rows).set_index("setting")
+    assert df.loc["algm(tau=0.9)", "attainable_b1"] == pytest.approx(14 / 8)
+    assert pd.isna(df.loc["none", "attainable_b1"]) and "attainable_b8" not in df
+    md = markdown_table(to_frame(rows))
+    assert "| attainable speed-up b1 |" in md and "| 1.75x |" in md
+    write_reports(rows, tmp_path, {}, "test")
+    assert "Attainable speed-up: that of the baseline keeping evenly spread tokens" in (tmp_path / "table.md").read_text()
 
 
 def test_table_notes_say_how_speedups_were_timed(tmp_path):

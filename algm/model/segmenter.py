@@ -46,8 +46,9 @@ class Segmenter(nn.Module):
         return self.encoder.cfg.patch_size
 
     def with_method(self, method: TokenReduction) -> "Segmenter":
-        """The same encoder/decoder (shared, not copied) driven by another method."""
-        return Segmenter(self.encoder, self.decoder, method)
+        """The same encoder/decoder (shared, not copied) driven by another method, in
+        this model's train / eval mode."""
+        return Segmenter(self.encoder, self.decoder, method).train(self.training)
 
     def run(self, images: Tensor, labels: Tensor | None = None, stage: Stage = run_stage) -> SegmenterOutput:
         """images: (B, 3, H, W) normalised; labels: optional (B, H, W) for oracle policies.
