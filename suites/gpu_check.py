@@ -10,7 +10,8 @@
 3. once both subprocesses are done (so nothing competes with the timings), throughput of
    every precision x batch kind x batch size: all methods of a configuration in one
    :func:`~algm.measure.throughput.measure_interleaved` call with ``none`` first, so each
-   speed-up is a ratio of figures timed side by side; then ``torch.compile`` on for the
+   speed-up is a ratio of figures timed side by side, and a zero-cost cut to ALGM's GFLOPs
+   last (:data:`ZERO_COST`, the attainable speed-up); then ``torch.compile`` on for the
    budget's ``compile_methods``;
 4. only then the results, all through :mod:`algm.atomic`: ``table.md``, ``results.csv``,
    ``machine.json``, ``ade20k-flops/`` and ``logs/`` (each subprocess's output) under
@@ -35,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -43,6 +44,7 @@ from torch import Tensor
 
 from algm import atomic
 from algm.build import Setup, make_setup
+from algm.measure.attainable import ZeroCostReduction, matched_tokens
 from algm.measure.flops import average_flops
 from algm.measure.throughput import measure_interleaved
 from suites.machine import machine_record
@@ -53,13 +55,16 @@ CUDA_TESTS = REPO / "tests" / "test_cuda.py"
 # CTS with the training-free variance policy, pruning with random (untrained) heads.
 CAMVID_METHODS = (("none", {}), ("algm", {}), ("tome", {"r": 16}), ("cts", {"policy": "variance"}),
                   ("prune", {"random_heads": True}))
+ZERO_COST = "zero-cost"  # the attainable reference (algm.measure.attainable), timed as one more method
 
 
 @dataclass(frozen=True)
 class Budget:
     """How much a run measures. ``protocol_batch``: the authors' batch (one frame repeated);
     ``deadline_s``: seconds after the start past which the remaining timings (the compiled
-    ones come last) are skipped, so that the run ends in its time and still writes."""
+    ones come last) are skipped, so that the run ends in its time and still writes.
+    ``attainable``: the method whose mean GFLOPs a zero-cost cut of ``none`` is matched to
+    and timed beside the eager configurations (:data:`ZERO_COST`), or None."""
 
     name: str
     backbone: str
@@ -78,6 +83,7 @@ class Budget:
     flops_frames: int
     ade20k_flops: bool
     deadline_s: float
+    attainable: str | None = "algm"
 
 
 BUDGETS = {
@@ -112,6 +118,10 @@ def plan(budget: Budget) -> list[Timing]:
     for methods in (names, budget.compile_methods):
         if methods and methods[0] != "none":
             raise ValueError(f"budget {budget.name}: the baseline 'none' must come first, got {methods}")
+    if budget.attainable is not None:
+        if budget.attainable not in names:
+            raise ValueError(f"budget {budget.name}: attainable names {budget.attainable!r}, not one of {names}")
+        names += (ZERO_COST,)
     eager = [Timing(p, k, b, False, names) for p in budget.precisions
              for k in budget.batch_kinds for b in budget.batch_sizes]
     compiled = [Timing(p, "mixed", b, True, budget.compile_methods) for p in budget.compile_precisions
@@ -188,6 +198,14 @@ def frame_gflops(setup: Setup, frames: Tensor) -> list[float]:
             return tuple(model.run(image).tokens[0].tolist())
 
     return average_flops(model, frames.split(1), signature)[1]
+
+
+def zero_cost_setup(baseline: Setup, frame: Tensor, gflops: float) -> Setup:
+    """``baseline`` under the zero-cost cut to ``gflops`` per image (frame: (1, 3, h, w)):
+    its speed-up is what a cut to those GFLOPs attains on the device
+    (:mod:`algm.measure.attainable`)."""
+    k = matched_tokens(baseline.model, frame, gflops)
+    return replace(baseline, model=baseline.model.with_method(ZeroCostReduction(k)))
 
 
 def make_batch(frames: Tensor, kind: str, batch_size: int) -> Tensor:
@@ -292,7 +310,10 @@ def render_table(rows: list[dict], budget: Budget, machine: dict, steps: dict[st
         "batches: frame 0's count). FLOP ratio = GFLOPs(none) / GFLOPs(method); speed-up ÷ FLOP ratio "
         "is the share of the FLOP saving that shows up as speed (1 = all of it). Mixed batches merge "
         "the minimum over their images (ALGM's batch policy), so their FLOP ratio at batch 1 overstates "
-        "the reduction.",
+        "the reduction."
+        + (f" {ZERO_COST}: `none` keeping evenly spread tokens from the first block on at no cost, as many "
+           f"as give {budget.attainable}'s mean GFLOPs (`algm/measure/attainable.py`): its speed-up is "
+           "what a cut to those GFLOPs attains on this device." if budget.attainable else ""),
         "",
     ]
     for name, step in steps.items():
@@ -351,6 +372,10 @@ def run(budget: Budget, device: torch.device, out: Path | None, data_root: str |
             setups = build_setups(budget)
             frames = load_frames(setups["none"], max(max(budget.batch_sizes), budget.flops_frames), data_root)
             gflops = {name: frame_gflops(s, frames[:budget.flops_frames]) for name, s in setups.items()}
+            if budget.attainable is not None:
+                target = gflops[budget.attainable]
+                setups[ZERO_COST] = zero_cost_setup(setups["none"], frames[:1], sum(target) / len(target))
+                gflops[ZERO_COST] = frame_gflops(setups[ZERO_COST], frames[:budget.flops_frames])
         except BaseException:  # e.g. no CamVid: no reason to wait for the subprocesses
             for proc in procs.values():
                 proc.kill()

@@ -37,8 +37,9 @@ def test_tiny_cpu_run_writes_table_csv_and_machine(tmp_path, monkeypatch):
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     configs = len(tiny.precisions) * len(tiny.batch_kinds) * len(tiny.batch_sizes)
-    assert len(rows) == configs * len(tiny.methods)
-    assert {(r["method"], int(r["batch_size"])) for r in rows} == {(m, b) for m, _ in tiny.methods
+    methods = [m for m, _ in tiny.methods] + [gpu_check.ZERO_COST]
+    assert len(rows) == configs * len(methods)
+    assert {(r["method"], int(r["batch_size"])) for r in rows} == {(m, b) for m in methods
                                                                    for b in tiny.batch_sizes}
     for r in rows:
         assert all(math.isfinite(float(r[c])) and float(r[c]) > 0 for c in FLOAT_COLUMNS), r
@@ -46,12 +47,17 @@ def test_tiny_cpu_run_writes_table_csv_and_machine(tmp_path, monkeypatch):
     none = [r for r in rows if r["method"] == "none"]
     assert all(float(r["speedup"]) == 1.0 and float(r["flop_ratio"]) == 1.0 for r in none)
     assert all(float(r["gflops"]) < float(r["baseline_gflops"]) for r in rows if r["method"] == "algm")
+    # the zero-cost cut is matched to ALGM's mean GFLOPs: at most those, within one token's worth
+    algm = next(float(r["gflops"]) for r in rows if r["method"] == "algm" and r["batch_kind"] == "mixed")
+    zero_cost = [r for r in rows if r["method"] == gpu_check.ZERO_COST]
+    assert all(float(r["gflops"]) <= algm * (1 + 1e-9) for r in zero_cost)
+    assert zero_cost[0]["setting"].startswith("zero-cost (k=")
 
     table = (out / "table.md").read_text()
     header = "| precision | batch kind | compile | batch | method | GFLOPs | FLOP ratio | im/s |"
     assert header in table and "speed-up ÷ FLOP ratio" in table
     protocol, everything = table.split("## Authors' protocol")[1].split("## All configurations")
-    assert protocol.count("\n| ") == 1 + len(tiny.methods)  # header + one row per method
+    assert protocol.count("\n| ") == 1 + len(methods)  # header + one row per method
     assert everything.count("\n| ") == 1 + len(rows)
     assert "cuda tests: ok" in table and "nan" not in table
 
@@ -76,7 +82,8 @@ def test_without_cuda_device_cuda_writes_nothing_and_exits_0(tmp_path, monkeypat
 
 
 def test_failed_configuration_is_recorded_not_fatal(monkeypatch):
-    budget = replace(gpu_check.BUDGETS["tiny"], precisions=("fp32",), batch_kinds=("mixed",), batch_sizes=(2,))
+    budget = replace(gpu_check.BUDGETS["tiny"], precisions=("fp32",), batch_kinds=("mixed",), batch_sizes=(2,),
+                     attainable=None)
     setups = gpu_check.build_setups(budget)
     h, w = budget.window
 
@@ -99,11 +106,14 @@ def test_failed_configuration_is_recorded_not_fatal(monkeypatch):
 def test_full_budget_plan_and_output_name():
     timings = gpu_check.plan(gpu_check.BUDGETS["full"])
     eager = [t for t in timings if not t.compile]
-    assert len(eager) == 2 * 2 * 3 and all(len(t.methods) == 5 and t.methods[0] == "none" for t in eager)
+    assert len(eager) == 2 * 2 * 3 and all(len(t.methods) == 6 and t.methods[0] == "none" for t in eager)
+    assert all(t.methods[-1] == gpu_check.ZERO_COST for t in eager)
     assert [(t.precision, t.batch_size, t.methods) for t in timings if t.compile] == [
         ("fp32", 32, ("none", "algm"))]
     assert timings[-1].compile  # the compiled timings come last: a passed deadline skips them
     with pytest.raises(ValueError, match="must come first"):
         gpu_check.plan(replace(gpu_check.BUDGETS["full"], compile_methods=("algm", "none")))
     assert any(t.batch_size == 32 and t.batch_kind == "repeated" and t.precision == "fp32" for t in eager)
+    with pytest.raises(ValueError, match="attainable names 'cts-learned', not one of"):
+        gpu_check.plan(replace(gpu_check.BUDGETS["full"], attainable="cts-learned"))
     assert gpu_check.slug("NVIDIA H200") == "nvidia-h200"
