@@ -97,7 +97,7 @@ def run_suite(suite: Suite, opts: RunOptions) -> list[dict]:
             start = time.perf_counter()
             row = measure_row(suite, row_plan, opts)
             row["seconds"] = time.perf_counter() - start  # training of missing parts included
-        elif stale_sizes(row, suite) and not row_plan.gflops_only:  # contended, or timed by an older version
+        elif stale_sizes(row, suite) and not row_plan.gflops_only:  # contended, timed another way, or lacking a figure
             row = retime(suite, row_plan, row, opts)
         if main:
             atomic.write_json(path, {"format": ROW_FORMAT, "key": key, "row": row}, indent=None)
