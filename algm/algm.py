@@ -38,13 +38,11 @@ import math
 from dataclasses import dataclass
 from numbers import Real
 
-from torch import Tensor
-
 from algm.config import DatasetSpec, ViTConfig
 from algm.merging.bipartite import global_merge
 from algm.merging.local import local_merge
 from algm.methods import option, register_method
-from algm.reduction import TokenReduction, TokenState
+from algm.reduction import AttentionView, TokenReduction, TokenState
 
 # tau of the local stage per (dataset, backbone), from the paper / authors' configs.
 TAU: dict[tuple[str, str], float] = {
@@ -190,7 +188,7 @@ class ALGM(TokenReduction):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.settings().items())
 
-    def mid_block(self, state: TokenState, layer: int, keys: Tensor) -> TokenState:
+    def mid_block(self, state: TokenState, layer: int, attn: AttentionView) -> TokenState:
         block = layer + 1  # the encoder counts from 0, ALGM's layers from 1
         if block == self.layers[0] and self.stages in ("both", "local"):
             return local_merge(state, self.tau, self.per_image)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from algm.config import (BACKBONES, DatasetSpec, DecoderConfig, ViTConfig, check_window, get_backbone,
                          get_dataset)
@@ -108,6 +108,12 @@ def make_setup(backbone: str | None = None, dataset: str | None = None, method: 
         load_pretrained(model.encoder)
     return Setup(model=model, backbone=cfg, dataset=spec, window=window,
                  weights=Weights(cfg.weights if pretrained else "random"))
+
+
+def frozen_encoder(backbone: str, window: tuple[int, int]) -> nn.Module:
+    """The encoder of ``backbone`` with its real weights, in eval mode, for ``window``
+    (:class:`~algm.reduction.TrainingContext`'s ``frozen_encoder``)."""
+    return make_setup(backbone, window=window, pretrained=True).model.encoder.eval()
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ list of valid ones.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -131,13 +132,34 @@ def parse_crop(text: str) -> tuple[int, int]:
     return (sizes[0], sizes[1])
 
 
+def machine_memory() -> int:
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(nbytes: int, what: str) -> None:
+    """Refuse up front (a ValueError naming the figure) work whose memory estimate
+    ``nbytes``, a lower bound, exceeds this machine's memory: it would die later with a
+    traceback or take the machine down."""
+    total = machine_memory()
+    if nbytes > total:
+        raise ValueError(f"{what} needs at least {nbytes / 2**30:,.1f} GiB of memory, more than this "
+                         f"machine's {total / 2**30:,.1f} GiB; use a smaller one")
+
+
 def check_window(window: tuple[int, int], patch_size: int) -> tuple[int, int]:
-    """Return the token grid (h, w) of a window, or fail if it does not tile into patches."""
+    """Return the token grid (h, w) of a window, or fail if it does not tile into patches
+    or its attention alone would not fit in memory (:func:`check_memory`)."""
     h, w = window
+    if h < patch_size or w < patch_size:
+        raise ValueError(f"input size {h}x{w} is smaller than one {patch_size}x{patch_size} patch")
     if h % patch_size or w % patch_size:
         raise ValueError(
             f"input size {h}x{w} is not divisible by the patch size {patch_size}; "
             f"use a multiple of {patch_size} (e.g. {h // patch_size * patch_size}x"
             f"{w // patch_size * patch_size})"
         )
+    tokens = (h // patch_size) * (w // patch_size) + 1
+    # one head's fp32 attention scores over the window's tokens: the least any ViT forward holds
+    check_memory(4 * tokens ** 2, f"a {h}x{w} window ({tokens:,} tokens)")
     return (h // patch_size, w // patch_size)

@@ -10,6 +10,7 @@ Without a process group every helper is the single-process identity: rank 0 of 1
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import subprocess
 import sys
@@ -120,7 +121,8 @@ def barrier() -> None:
 
 
 def launch(nproc: int, argv: list[str]) -> int:
-    """Re-run ``algm-bench argv`` (with ``--nproc`` removed) as ``nproc`` processes via torchrun."""
+    """Re-run ``algm-bench argv`` (with ``--nproc`` removed) as ``nproc`` processes via
+    torchrun, the working directory kept off their ``sys.path``."""
     args, skip = [], False
     for arg in argv:
         if skip:
@@ -131,4 +133,22 @@ def launch(nproc: int, argv: list[str]) -> int:
             args.append(arg)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--nproc-per-node", str(nproc), "-m", "algm.cli", *args]
-    return subprocess.run(cmd).returncode
+    # workers run ``python -m algm.cli``: without the working directory on sys.path, whose
+    # suites/ or baselines/ folder would shadow the packages (algm.shadowing)
+    with _environment(PYTHONSAFEPATH="1"):
+        return subprocess.run(cmd).returncode
+
+
+@contextlib.contextmanager
+def _environment(**variables: str) -> Iterator[None]:
+    """``os.environ`` with ``variables`` set (children inherit them), restored afterwards."""
+    before = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

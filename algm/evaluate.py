@@ -41,8 +41,9 @@ def slide_inference_many(model: nn.Module, images: list[Tensor], window: tuple[i
     share the ``model`` calls: the windows of all images, image by image, in calls of at
     most ``batch_size`` (default: all in one call). Returns one (1, n_cls, H_i, W_i) per
     image, each as :func:`slide_inference` computes it with the same windows per call."""
-    if min(stride) < 1:
-        raise ValueError(f"stride must be positive, got {stride}")
+    if min(stride) < 1 or stride[0] > window[0] or stride[1] > window[1]:
+        raise ValueError(f"stride must be positive and at most the window {tuple(window)} (a longer "
+                         f"step leaves pixels unevaluated), got {tuple(stride)}")
     plans = [_Slide(image, window, stride) for image in images]
     crops = [(plan, box) for plan in plans for box in plan.boxes]
     step = batch_size or len(crops)

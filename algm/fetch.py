@@ -37,13 +37,15 @@ from urllib.parse import unquote, urlparse
 import gdown
 import pooch
 import requests
-import yaml
 from tqdm import tqdm
 
 from algm.atomic import write_json
 from algm.cache import cache_dir
+from algm.files import read_text
+from algm.safe_yaml import brief, clip, load_yaml
 
 LOCK_NAME = "zoo.lock.json"
+HASH_DIGITS = {"sha256": 64, "sha1": 40}
 CHECKPOINTS_ENV = "ALGM_BENCH_CHECKPOINTS"
 TIMEOUT_S = 30  # per connect / per read; a silent server is "offline", not a hang
 CHUNK = 1 << 16  # bytes per read; a dropped connection loses at most the chunk in flight
@@ -118,19 +120,64 @@ def fetch(dataset: str, manifest: str | Path, backbones: list[str] | None = None
 
 
 def load_manifest(path: str | Path) -> dict:
-    """The manifest YAML, its entries checked for the keys :func:`select` reads."""
+    """The manifest YAML (:func:`algm.safe_yaml.load_yaml`), its entries checked for the
+    keys :func:`select` reads and their types: names and URLs are strings, checksums
+    hex strings of the right length. Errors are one line naming the file and entry."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"manifest {path} not found")
-    manifest = yaml.safe_load(path.read_text()) or {}
+    manifest = load_yaml(path, "manifest")
+    if manifest is None:
+        return {}
+    try:
+        _check_manifest(manifest)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    return manifest
+
+
+def _check_manifest(manifest) -> None:
+    """ValueError naming the first entry of a parsed manifest that :func:`select` cannot use."""
+    if not isinstance(manifest, dict):
+        raise ValueError(f"expected a mapping with checkpoints and data, got {type(manifest).__name__}")
     required = {"checkpoints": ("dataset", "backbone", "method", "files"), "data": ("dataset", "url")}
     for section, keys in required.items():
-        for i, entry in enumerate(manifest.get(section) or []):
+        entries = manifest.get(section) or []
+        if not isinstance(entries, list):
+            raise ValueError(f"{section} must be a list of entries, got {brief(entries)}")
+        for i, entry in enumerate(entries):
+            where = f"{section}[{i}]"
+            if not isinstance(entry, dict):
+                raise ValueError(f"{where} must be a mapping, got {brief(entry)}")
             needed = keys + (("file",) if section == "data" and entry.get("url") else ())
             missing = [k for k in needed if k not in entry]
             if missing:
-                raise ValueError(f"{path}: {section}[{i}] lacks {', '.join(missing)}")
-    return manifest
+                raise ValueError(f"{where} lacks {', '.join(missing)}")
+            for key in ("dataset", "backbone", "method", "file", "extracts_to"):
+                if key in entry and not (isinstance(entry[key], str) and entry[key]):
+                    raise ValueError(f"{where}.{key} must be a name, got {brief(entry[key])}")
+            files = entry.get("files", {}) if section == "checkpoints" else {"": entry}
+            if not isinstance(files, dict):
+                raise ValueError(f"{where}.files must map file names to sources, got {brief(files)}")
+            for name, spec in files.items():
+                spot = f"{where}.files.{name}" if name else where
+                if not isinstance(name, str) or not isinstance(spec, dict):
+                    raise ValueError(f"{spot} must map a file name to its url and checksum, got {brief(spec)}")
+                if spec.get("url") is not None and not isinstance(spec["url"], str):
+                    raise ValueError(f"{spot}.url must be a string, got {brief(spec['url'])}")
+                for algorithm, digits in HASH_DIGITS.items():
+                    _check_hash(spec.get(algorithm), algorithm, digits, spot)
+
+
+def _check_hash(value, algorithm: str, digits: int, where: str) -> None:
+    """None, or a string of ``digits`` hex digits (an unquoted all-digit hash is a YAML number)."""
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise ValueError(f"{where}.{algorithm} must be a quoted string of {digits} hex digits, got the "
+                         f"{type(value).__name__} {brief(value)} (quote it)")
+    if not re.fullmatch(f"[0-9a-fA-F]{{{digits}}}", value):
+        raise ValueError(f"{where}.{algorithm} must be {digits} hex digits, got {brief(value)}")
 
 
 def select(manifest: dict, base: Path, dataset: str, backbones: list[str] | None,
@@ -162,7 +209,24 @@ def select(manifest: dict, base: Path, dataset: str, backbones: list[str] | None
                                         f"put it under {data_root} by hand")
             items.append(Item(_resolve(e["url"], base), data_root, e["file"], e.get("sha256"),
                               e.get("sha1"), e.get("extracts_to"), e.get("note")))
+    for item in items:  # every path this fetch writes, checked before anything is downloaded
+        inside(item.root, item.relpath)
+        if item.extracts_to:
+            inside(item.root, item.extracts_to)
     return items
+
+
+def inside(root: Path, relpath: str) -> Path:
+    """``root / relpath`` resolved (symlinks followed), or a ValueError if that leaves
+    ``root`` or climbs (``..``) at all: a manifest's names become paths, and a manifest
+    may come from anyone."""
+    base = Path(root).resolve()
+    target = (base / relpath).resolve()
+    if (Path(relpath).is_absolute() or ".." in Path(relpath).parts or target == base
+            or not target.is_relative_to(base)):
+        raise ValueError(f"the manifest names the path {brief(relpath)}, which leaves {root}; refusing "
+                         f"to write outside it")
+    return target
 
 
 def fetch_item(item: Item, progress: bool = True) -> Fetched:
@@ -295,15 +359,31 @@ class LocalCopier:
         shutil.copyfile(self.source, output_file)
 
 
-def extract(archive: Path, root: Path, folder: str) -> Path:
+@dataclass(frozen=True)
+class ExtractLimits:
+    """What extracting one archive may write: ``max_bytes`` in all, at most ``max_ratio``
+    times the archive's own size (a zip bomb expands a thousandfold), ``max_members``
+    files. The data sets' zips are images: about as large extracted as packed."""
+
+    max_bytes: int = 256 << 30
+    max_ratio: float = 50.0
+    max_members: int = 1_000_000
+
+    def bytes_for(self, archive: Path) -> int:
+        return int(min(self.max_bytes, self.max_ratio * max(archive.stat().st_size, 1 << 20)))
+
+
+def extract(archive: Path, root: Path, folder: str, limits: ExtractLimits = ExtractLimits()) -> Path:
     """Unzip ``archive`` so that ``root/folder`` appears whole or not at all: it is
     extracted beside it first and renamed into place (an interrupted extraction must
-    not look finished)."""
+    not look finished). The archive's declared sizes and member count are checked
+    against ``limits`` first, and the bytes written while extracting too; the first
+    breach stops with a ValueError and leaves nothing."""
     staging = Path(tempfile.mkdtemp(prefix=f".{folder}.", dir=root))
     try:
         try:
             with zipfile.ZipFile(archive) as zf:
-                zf.extractall(staging)  # zipfile drops absolute and ".." member paths
+                _extract_all(zf, staging, archive, limits)
         except zipfile.BadZipFile as err:
             raise ValueError(f"{archive} is not a valid zip ({err}); delete it to download it again") from err
         if not (staging / folder).is_dir():
@@ -314,6 +394,43 @@ def extract(archive: Path, root: Path, folder: str) -> Path:
     return root / folder
 
 
+def _extract_all(zf: zipfile.ZipFile, staging: Path, archive: Path, limits: ExtractLimits) -> None:
+    """Write every member of ``zf`` under ``staging`` as plain files and folders (symlink
+    members become files holding their target, as ``zipfile`` writes them)."""
+    members = zf.infolist()
+    budget = limits.bytes_for(archive)
+    declared = sum(m.file_size for m in members)
+    if len(members) > limits.max_members:
+        raise ValueError(f"{archive} holds {len(members)} files, over the limit of {limits.max_members}; "
+                         f"refusing to extract it")
+    if declared > budget:
+        raise ValueError(f"{archive} would extract to {declared / 2**20:.0f} MiB, over the limit of "
+                         f"{budget / 2**20:.0f} MiB; refusing to extract it")
+    written = 0
+    for member in members:
+        target = _member_path(staging, member.filename, archive)
+        if member.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with zf.open(member) as source, open(target, "wb") as out:
+            while chunk := source.read(CHUNK):
+                written += len(chunk)
+                if written > budget:  # a header that under-states its size
+                    raise ValueError(f"{archive} extracts to more than the limit of {budget / 2**20:.0f} "
+                                     f"MiB; refusing to extract it")
+                out.write(chunk)
+
+
+def _member_path(staging: Path, name: str, archive: Path) -> Path:
+    """Where a member lands under ``staging``; an absolute or ``..`` name is refused."""
+    parts = Path(name.replace("\\", "/")).parts
+    if not parts or Path(name).is_absolute() or ".." in parts or ":" in parts[0]:
+        raise ValueError(f"{archive} holds the member {brief(name)}, which leaves the folder it "
+                         f"extracts to; refusing to extract it")
+    return staging.joinpath(*parts)
+
+
 class Lock:
     """``<root>/zoo.lock.json``: ``{relpath: {"sha256", "url"}}``, the hash each file
     had on its first download (written atomically on every pin)."""
@@ -321,9 +438,13 @@ class Lock:
     def __init__(self, root: Path):
         self.path = Path(root) / LOCK_NAME
         try:
-            self.entries = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{self.path} is not valid JSON ({err}); fix or delete it") from err
+            self.entries = json.loads(read_text(self.path, "lock file")) if self.path.exists() else {}
+            if not isinstance(self.entries, dict):
+                raise ValueError("not a mapping")
+            for relpath, entry in self.entries.items():
+                _check_hash(entry.get("sha256") if isinstance(entry, dict) else entry, "sha256", 64, relpath)
+        except (ValueError, AttributeError) as err:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{self.path} is damaged ({clip(err)}); fix or delete it") from None
 
     def pinned(self, relpath: str) -> str | None:
         return self.entries.get(relpath, {}).get("sha256")

@@ -18,12 +18,13 @@ every method the same way::
     method = build_method("mine", backbone_cfg, dataset_spec, strength=0.7)
 
 Fields left at ``None`` take the per-backbone / per-dataset default the method chooses
-in ``from_config``. Option names are shared by all methods on one command line, so a
-method whose option name another method already uses is refused at registration.
+in ``from_config``. Options belong to their method: the command line parses ``--method``
+first and then that method's options only, so two methods may both have ``--layers``.
 
 Built-in methods and methods of other installed packages are found through the entry
 point group ``algm_bench.methods`` (each entry names a module that registers methods
-when imported); see this repository's ``pyproject.toml``.
+when imported); see this repository's ``pyproject.toml``. A module that fails to import
+breaks only its own methods: choosing one reports the failure in one line.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from algm.reduction import NoReduction, TokenReduction
 ENTRY_POINT_GROUP = "algm_bench.methods"
 
 _REGISTRY: dict[str, type[TokenReduction]] = {}
+_BROKEN: dict[str, str] = {}  # entry-point name -> one line: why its module did not import
 _discovered = False
 
 
@@ -50,8 +52,7 @@ def option(default: Any = None, help: str = "", **argparse_kwargs) -> Any:
 def register_method(cls: type[TokenReduction]) -> type[TokenReduction]:
     """Class decorator: add a method to the registry under ``cls.name``.
 
-    Fails if the name is taken by another class, if ``Config`` is not a dataclass, or if
-    one of its option names is already an option of another method."""
+    Fails if the name is taken by another class or if ``Config`` is not a dataclass."""
     name = cls.name
     if not isinstance(cls, type) or not issubclass(cls, TokenReduction):
         raise TypeError(f"register_method takes a TokenReduction subclass, got {cls!r}")
@@ -60,14 +61,6 @@ def register_method(cls: type[TokenReduction]) -> type[TokenReduction]:
     old = _REGISTRY.get(name)
     if old is not None and old.__qualname__ != cls.__qualname__:
         raise ValueError(f"method name {name!r} is taken by {old.__module__}.{old.__qualname__}")
-    for other_name, other in _REGISTRY.items():
-        if other_name == name:
-            continue
-        clash = sorted(set(_option_names(cls)) & set(_option_names(other)))
-        if clash:
-            flags = ", ".join("--" + c.replace("_", "-") for c in clash)
-            raise ValueError(f"method {name!r}: option(s) {flags} already belong to method "
-                             f"{other_name!r}; give them names of their own (e.g. prefixed)")
     _REGISTRY[name] = cls
     return cls
 
@@ -80,13 +73,18 @@ def _option_names(cls: type[TokenReduction]) -> list[str]:
 
 
 def _discover() -> None:
-    """Import every module named in the ``algm_bench.methods`` entry-point group once."""
+    """Import every module named in the ``algm_bench.methods`` entry-point group once; a
+    module that fails (import error, a clashing name) is recorded, not raised."""
     global _discovered
     if _discovered:
         return
     _discovered = True
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        ep.load()
+        try:
+            ep.load()
+        except Exception as err:  # a third-party plugin may fail in any way
+            first = (str(err).splitlines() or [""])[0][:300]
+            _BROKEN[ep.name] = f"its module {ep.value} failed to import ({type(err).__name__}: {first})"
 
 
 def methods() -> dict[str, type[TokenReduction]]:
@@ -97,10 +95,11 @@ def methods() -> dict[str, type[TokenReduction]]:
 
 def method_class(name: str) -> type[TokenReduction]:
     registry = methods()
-    try:
+    if name in registry:
         return registry[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(registry)}") from None
+    if name in _BROKEN:
+        raise ValueError(f"method {name!r} is unavailable: {_BROKEN[name]}")
+    raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(registry)}")
 
 
 def method_config(name: str, **options) -> Any:
@@ -127,34 +126,59 @@ def required_training(name: str, backbone: ViTConfig, dataset: DatasetSpec, **op
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--method`` and every method's options."""
-    registry = methods()
-    group = parser.add_argument_group("token reduction")
-    group.add_argument("--method", default="none", choices=list(registry),
-                       help="token-reduction method (default: none)")
-    for name, cls in registry.items():
-        for f in fields(cls.Config):
-            meta = dict(f.metadata)
-            help_text = meta.pop("help", "")
-            default = f.default if f.default is not MISSING else None
-            group.add_argument(
-                "--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                help=f"[{name}] {help_text} (default: {default if default is not None else 'per config'})",
-                **meta,
-            )
+    """Add ``--method``; :func:`add_method_options` adds the chosen method's options."""
+    parser.add_argument_group("token reduction").add_argument(
+        "--method", default="none", type=_method_name,
+        help=f"token-reduction method: {', '.join(methods())} (default: none); "
+             f"--method M --help lists M's options")
+
+
+def add_method_options(parser: argparse.ArgumentParser, method: str) -> None:
+    """Add the options of ``method`` (a name from :func:`chosen_method`; an unknown or
+    broken one adds none and ``--method`` then reports it)."""
+    if method not in methods():
+        return
+    group = parser.add_argument_group(f"{method} options")
+    for f in fields(method_class(method).Config):
+        meta = dict(f.metadata)
+        help_text = meta.pop("help", "")
+        default = f.default if f.default is not MISSING else None
+        group.add_argument(
+            "--" + f.name.replace("_", "-"), dest=f.name, default=None,
+            help=f"{help_text} (default: {default if default is not None else 'per config'})",
+            **meta,
+        )
+
+
+def _method_name(text: str) -> str:
+    """argparse type of ``--method``: a registered (and importable) method."""
+    try:
+        method_class(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def chosen_method(argv: list[str]) -> str | None:
+    """The value of ``--method`` in a command line (``--method M`` or ``--method=M``),
+    read before parsing so that the parser can hold that method's options only."""
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg == "--method" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--method="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def option_owners(flag: str) -> list[str]:
+    """The methods that have the command-line option ``flag`` (``--tau`` -> ["algm"])."""
+    name = flag.split("=", 1)[0].lstrip("-").replace("-", "_")
+    return [m for m, cls in methods().items() if name in _option_names(cls)]
 
 
 def method_options(args: argparse.Namespace, name: str) -> dict:
-    """The options of method ``name`` set on the command line.
-
-    An option set for a different method is an error rather than silently ignored.
-    """
-    registry = methods()
-    own = set(_option_names(method_class(name)))
-    every = {f for cls in registry.values() for f in _option_names(cls)}
-    given = {k: getattr(args, k) for k in every if getattr(args, k, None) is not None}
-    stray = sorted(k for k in given if k not in own)
-    if stray:
-        flags = ", ".join("--" + k.replace("_", "-") for k in stray)
-        raise ValueError(f"{flags} do(es) not apply to method {name!r}")
-    return given
+    """The options of method ``name`` set on the command line."""
+    own = _option_names(method_class(name))
+    return {k: getattr(args, k) for k in own if getattr(args, k, None) is not None}

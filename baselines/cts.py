@@ -23,10 +23,10 @@ Policies (``policy``):
   runs out of the box): lowest mean per-channel pixel variance of the superpatch first,
   i.e. the flattest regions, which most often hold one class. On CamVid val (vit-s14
   grid, K = 77 of 192) 75.9 % of its picks are single-class superpatches; the trained
-  ``tiny`` policy reaches 93.2 % (``train-policy`` prints both).
+  ``tiny`` policy reaches 93.2 % (its training prints both).
 * ``learned``: :class:`baselines.cts_policy.PolicyNet` trained on ground-truth "one class"
   targets (:mod:`baselines.cts_train`), loaded from ``algm.cache.cache_dir("cts")``;
-  :meth:`CTS.required_training` trains it when missing, or ``algm-bench train-policy``
+  :meth:`CTS.training_tasks` trains it when missing, or ``algm-bench train --method cts --policy learned``
   does. Its FLOPs count as part of the model.
 * ``oracle``: ground truth from ``labels`` (``Segmenter.run(images, labels)``): share of
   the majority class among non-ignore pixels, so single-class superpatches come first
@@ -84,12 +84,13 @@ class CTS(TokenReduction):
         policy_arch: str = option(DEFAULT_ARCH, "architecture of the learned policy checkpoint",
                                   choices=ARCHS)
         policy_checkpoint: str | None = option(None, "learned policy checkpoint (default: the cache "
-                                                     "dir file that train-policy writes)")
+                                                     "dir file that `train --method cts --policy learned` writes)")
 
     def __init__(self, policy: str = DEFAULT_POLICY, k: int | None = None, k_ratio: float | None = None,
                  *, n_cls: int | None = None, ignore_index: int = 255,
                  mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5),
-                 policy_net: torch.nn.Module | None = None, policy_name: str | None = None):
+                 policy_net: torch.nn.Module | None = None, policy_name: str | None = None,
+                 policy_file: Path | None = None):
         super().__init__()
         if policy not in POLICIES:
             raise ValueError(f"unknown CTS policy {policy!r}; choose one of: {', '.join(POLICIES)}")
@@ -111,6 +112,7 @@ class CTS(TokenReduction):
         self.ignore_index = ignore_index
         self.policy_net = policy_net if policy == "learned" else None
         self.policy_name = policy_name
+        self.policy_file = policy_file if policy == "learned" else None
         self.mean, self.std = tuple(mean), tuple(std)
 
     @classmethod
@@ -118,7 +120,7 @@ class CTS(TokenReduction):
         k_ratio = config.k_ratio
         if config.k is None and k_ratio is None:
             k_ratio = default_k_ratio(dataset.name)
-        net, name = None, None
+        net, name, path = None, None, None
         if config.policy == "learned":
             path = Path(config.policy_checkpoint) if config.policy_checkpoint else \
                 policy_path(dataset.name, backbone.patch_size, config.policy_arch)
@@ -126,18 +128,16 @@ class CTS(TokenReduction):
             name = path.name
         return cls(config.policy, config.k, k_ratio, n_cls=dataset.n_cls,
                    ignore_index=dataset.ignore_index, mean=backbone.mean, std=backbone.std,
-                   policy_net=net, policy_name=name)
+                   policy_net=net, policy_name=name, policy_file=path if net is not None else None)
 
     @classmethod
-    def required_training(cls, config: "CTS.Config", backbone: ViTConfig,
-                          dataset: DatasetSpec) -> list[TrainingTask]:
-        """The learned policy for this dataset / patch size / arch, unless it is on disk
-        or ``policy_checkpoint`` names another file; nothing for the other policies."""
+    def training_tasks(cls, config: "CTS.Config", backbone: ViTConfig,
+                       dataset: DatasetSpec) -> list[TrainingTask]:
+        """The learned policy for this dataset / patch size / arch in the cache, unless
+        ``policy_checkpoint`` names another file; nothing for the other policies."""
         if config.policy != "learned" or config.policy_checkpoint:
             return []
         path = policy_path(dataset.name, backbone.patch_size, config.policy_arch)
-        if path.is_file():
-            return []
 
         def run(ctx: TrainingContext) -> dict:
             from baselines.cts_train import train_policy  # training code only when training
@@ -147,6 +147,9 @@ class CTS(TokenReduction):
                                 root=ctx.data_root, out=path, progress=ctx.progress)
 
         return [TrainingTask(f"CTS {config.policy_arch} policy ({dataset.name}, {backbone.name})", path, run)]
+
+    def trained_parts(self) -> dict[str, Path]:
+        return {} if self.policy_file is None else {"policy": self.policy_file}
 
     def settings(self) -> dict:
         out = {"policy": self.policy, "k": self.k, "k_ratio": self.k_ratio}
@@ -235,4 +238,4 @@ class CTS(TokenReduction):
         source = torch.where(shared, n_keep + rank_sp[:, sp_of_patch], rank_keep)
         size = torch.cat([torch.ones(b, n_keep, dtype=patches.dtype, device=dev),
                           torch.full((b, k), 4.0, dtype=patches.dtype, device=dev)], dim=1)
-        return TokenState(x=x, size=size, source=source, grid=ctx.grid)
+        return TokenState(x=x, size=size, source=source, grid=ctx.grid, prefix=0)

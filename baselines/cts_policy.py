@@ -25,7 +25,7 @@ Inputs of the network are 0..1 RGB normalised with (0.5, 0.5, 0.5): the CTS meth
 un-normalises the backbone's input first, so one checkpoint serves every backbone with
 the same patch size. Checkpoints live in ``algm.cache.cache_dir("cts")`` as
 ``policy-<dataset>-p<patch>-<arch>.pt`` (:func:`policy_path`); training is in
-:mod:`baselines.cts_train` (``algm-bench train-policy``).
+:mod:`baselines.cts_train` (``algm-bench train --method cts --policy learned``).
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ def policy_path(dataset: str, patch_size: int, arch: str = DEFAULT_ARCH) -> Path
 
 def train_command(dataset: str, backbone: str, arch: str = DEFAULT_ARCH) -> str:
     """The command line that trains the policy :func:`policy_path` names."""
-    extra = "" if arch == DEFAULT_ARCH else f" --arch {arch}"
-    return f"algm-bench train-policy --dataset {dataset} --backbone {backbone}{extra}"
+    extra = "" if arch == DEFAULT_ARCH else f" --policy-arch {arch}"
+    return f"algm-bench train --method cts --policy learned --dataset {dataset} --backbone {backbone}{extra}"
 
 
 def load_policy(path: str | Path, *, dataset: str = "?", backbone: str = "?",

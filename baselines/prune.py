@@ -73,13 +73,13 @@ from torch import Tensor, nn
 
 from algm.cache import cache_dir
 from algm.config import DatasetSpec, ViTConfig
-from algm.merging.index_map import inverse_permutation
+from algm.merging.index_map import inverse_permutation, pack_tokens
 from algm.methods import option, register_method
 from algm.reduction import TokenReduction, TokenState, TrainingContext, TrainingTask, gather_tokens
 from algm.weights.torch_file import load_torch_file
 
 HEADS_FORMAT = "algm-bench/prune-heads/v1"
-TRAIN_COMMAND = "train-prune-heads"
+TRAIN_COMMAND = "train --method prune"
 
 # Per-depth defaults (1-based blocks followed by a head; exit threshold).
 DEFAULT_LAYERS = {12: (6, 8), 24: (8, 16)}
@@ -203,6 +203,7 @@ class TokenPruning(TokenReduction):
 
     name = "prune"
     label_keys = ("p0", "exit_layers")  # trained heads' file tag would only clutter a label
+    untrained_options = {"random_heads": True}
 
     @dataclass(frozen=True)
     class Config:
@@ -234,6 +235,7 @@ class TokenPruning(TokenReduction):
         self.heads_source = heads_source
         self.heads = new_heads(embed_dim, n_cls, len(self.exit_layers), norm_eps)
         self._head_at = {layer - 1: i for i, layer in enumerate(self.exit_layers)}  # 0-based block -> head
+        self.heads_file: Path | None = None  # set by load_heads
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -251,19 +253,20 @@ class TokenPruning(TokenReduction):
         return method
 
     @classmethod
-    def required_training(cls, config: "TokenPruning.Config", backbone: ViTConfig,
-                          dataset: DatasetSpec) -> list[TrainingTask]:
-        """The exit heads, unless random, given as a file or already in the cache."""
+    def training_tasks(cls, config: "TokenPruning.Config", backbone: ViTConfig,
+                       dataset: DatasetSpec) -> list[TrainingTask]:
+        """The exit heads in the cache, unless random or given as a file."""
         if config.random_heads or config.heads_file:
             return []
         layers = resolve_layers(config.exit_layers, backbone.depth)
         path = heads_path(backbone.name, dataset.name, layers)
-        if path.is_file():
-            return []
 
         def run(ctx: TrainingContext):
-            return train_heads(backbone, dataset, layers, window=ctx.window,
-                               data_root=ctx.data_root, progress=ctx.progress)
+            if ctx.frozen_encoder is None:
+                raise ValueError("training the prune exit heads needs the framework's frozen encoder "
+                                 "(TrainingContext.frozen_encoder)")
+            return train_heads(backbone, dataset, layers, window=ctx.window, data_root=ctx.data_root,
+                               progress=ctx.progress, frozen_encoder=ctx.frozen_encoder)
 
         name = f"prune exit heads ({backbone.name}, {dataset.name}, layers {','.join(map(str, layers))})"
         return [TrainingTask(name, path, run)]
@@ -288,8 +291,12 @@ class TokenPruning(TokenReduction):
         if got != want:
             raise ValueError(f"{path} holds heads for {got}, this model needs {want}")
         self.heads.load_state_dict(blob["state_dict"], strict=True)
+        self.heads_file = path
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]  # retrained heads = new rows
         self.heads_source = f"trained:{meta.get('backbone')}/{meta.get('dataset')}:{digest}"
+
+    def trained_parts(self) -> dict[str, Path]:
+        return {} if self.heads_file is None else {"exit_heads": self.heads_file}
 
     def settings(self) -> dict:
         return {"p0": self.p0, "exit_layers": ",".join(map(str, self.exit_layers)),
@@ -313,9 +320,9 @@ class TokenPruning(TokenReduction):
 
     def prune(self, state: TokenState, head: nn.Module, block: int) -> TokenState:
         """One exit step after 1-based ``block``; returns ``state`` itself if nothing exits."""
-        x = state.x[:, 1:]
+        x = state.patches
         b, t, d = x.shape
-        alive = state.keep[:, 1:] if state.keep is not None else torch.ones(
+        alive = state.patch_keep if state.keep is not None else torch.ones(
             b, t, dtype=torch.bool, device=x.device)
         logp = head(x).float().log_softmax(-1)  # (B, T', C)
         top, pred = logp.max(-1)
@@ -325,7 +332,7 @@ class TokenPruning(TokenReduction):
         survive = alive & ~exit_
         counts = survive.sum(1)
         # The one host sync of the step: whether anything exits and the survivors' range.
-        any_exit, fewest, m = torch.stack([exit_.any().long(), counts.min(), counts.max()]).tolist()
+        any_exit, fewest, most = torch.stack([exit_.any().long(), counts.min(), counts.max()]).tolist()
         if not any_exit:
             return state
 
@@ -340,18 +347,11 @@ class TokenPruning(TokenReduction):
             exit_layer=torch.where(now, torch.full_like(aux.exit_layer, block), aux.exit_layer),
         )
 
-        # Survivors first (original order), then padding; sized to the batch maximum m.
-        order = torch.sort((~survive).to(torch.uint8), dim=1, stable=True).indices
-        idx = order[:, :m]
-        source = torch.where(aux.exited, torch.zeros_like(src), inverse_permutation(order).gather(1, src))
-        keep = torch.arange(m, device=x.device).expand(b, m) < counts.unsqueeze(1)
-        new_x = torch.cat([state.x[:, :1], x.gather(1, idx.unsqueeze(-1).expand(b, m, d))], 1)
-        size = state.size[:, 1:].gather(1, idx) * keep.to(state.size.dtype)  # padding stands for 0 patches
-        new_size = torch.cat([state.size[:, :1], size], 1)
-        new_keep = None
-        if fewest < m:  # images keep different numbers of tokens: mark the padding
-            new_keep = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=x.device), keep], 1)
-        return state.replace(x=new_x, size=new_size, source=source, keep=new_keep, aux=aux)
+        # Survivors first (original order), then padding; patches that exited keep the
+        # placeholder source 0 (restore takes their exit-stage prediction).
+        packed, _ = pack_tokens(state, survive, span=(fewest, most))
+        source = torch.where(aux.exited, torch.zeros_like(src), packed.source)
+        return packed.replace(source=source, aux=aux)
 
     def restore(self, token_out: Tensor, state: TokenState) -> Tensor:
         """Decoder logits of live tokens via ``source``; exit-stage log-probs for exited patches."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from algm import atomic
 from algm.cache import cache_dir
-from algm.config import check_window
+from algm.config import check_window, get_backbone, get_dataset
 from algm.data.windows import tiles
 from algm.training.loop import Schedule, StepResult, fit
 
@@ -218,25 +218,27 @@ def train_aux_heads(heads: nn.ModuleList, backbone: str, dataset: str, layers: S
                     window: tuple[int, int] | None = None, split: str = "train",
                     data_root: str | None = None, limit: int | None = None, lr: float = 1e-3,
                     weight_decay: float = 1e-4, batch_tokens: int = 4096, seed: int = 0,
-                    restart: bool = False, progress: bool = True) -> TrainResult:
+                    restart: bool = False, progress: bool = True,
+                    frozen_encoder: Callable[[str, tuple[int, int]], nn.Module]) -> TrainResult:
     """Train ``heads`` (one per 1-based block of ``layers``) on the real frozen encoder
     of ``backbone`` over ``dataset``'s ``split``; write them to ``out``.
 
-    Features come from :func:`extract_features` (cached under
+    ``frozen_encoder(backbone, window)`` gives the encoder (the framework's, see
+    :class:`~algm.reduction.TrainingContext`). Features come from :func:`extract_features` (cached under
     ``algm.cache.cache_dir("prune", "features")``), training from :func:`fit_heads` with
     a checkpoint beside the features (``restart=True`` discards it). ``out`` receives
     ``{"format": file_format, "meta": ..., "state_dict": heads.state_dict()}``; the meta
     names the backbone, dataset, layers, sizes and the training run.
     """
-    from algm.build import make_setup
     from algm.data.datasets import build_dataset
 
     start_time = time.perf_counter()
-    setup = make_setup(backbone, dataset, "none", window=window, pretrained=True)
-    cfg, spec, window = setup.backbone, setup.dataset, setup.window
+    cfg, spec = get_backbone(backbone), get_dataset(dataset)
+    window = tuple(window) if window is not None else spec.window(cfg.patch_size)
+    encoder = frozen_encoder(cfg.name, window)
     data = build_dataset(dataset, split, root=data_root, limit=limit)
     fdir = features_dir(cfg.name, spec.name, split, layers, window, limit)
-    features, labels = extract_features(setup.model.encoder, data, layers, window, spec.n_cls,
+    features, labels = extract_features(encoder, data, layers, window, spec.n_cls,
                                         spec.ignore_index, fdir, progress=progress)
     extract_seconds = time.perf_counter() - start_time
 

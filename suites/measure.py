@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from algm import distributed
-from algm.build import Setup, make_setup
+from algm.build import Setup, frozen_encoder, make_setup
 from algm.config import DecoderConfig, get_backbone, get_dataset
 from algm.data.datasets import build_dataset
 from algm.data.windows import center_window, mixed_groups
@@ -69,7 +69,7 @@ def train_missing_parts(suite: Suite, backbone: str, setting: Setting, opts: Run
         return
     if distributed.is_main():
         context = TrainingContext(data_root=opts.data_root, window=suite.window_for(backbone),
-                                  progress=opts.progress)
+                                  progress=opts.progress, frozen_encoder=frozen_encoder)
         for task in tasks:
             if opts.progress:
                 print(f"training {task.name} -> {task.path}")

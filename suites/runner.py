@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sys
+import math
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -22,10 +21,12 @@ from tqdm import tqdm
 
 from algm import atomic, distributed
 from algm.build import Setup, checkpoint_sha256
-from algm.cache import cache_dir
-from algm.config import get_backbone
+from algm.cache import cache_dir, move_aside
+from algm.config import get_backbone, get_dataset
 from algm.data.datasets import build_dataset, check_files
 from algm.fetch import layout_dir
+from algm.methods import build_method
+from algm.safe_yaml import brief, clip
 from algm.training.finetune import finetune
 from algm.training.head import load_head
 from suites.definition import Setting, Suite
@@ -39,12 +40,14 @@ ROW_FORMAT = f"algm-bench/row/v{ROW_VERSION}"
 ROW_FIELDS = {"backbone", "method", "setting", "gflops", "tokens_kept_pct"}  # every row has these
 
 
-def row_key(suite: Suite, row: Row, opts: RunOptions) -> str:
-    """Hash of everything that determines a row's numbers (checkpoints by their content)."""
+def row_key(suite: Suite, row: Row, opts: RunOptions, method: dict) -> str:
+    """Hash of everything that determines a row's numbers: ``method`` is the method's
+    :meth:`~algm.reduction.TokenReduction.identity` (resolved settings, digests of its
+    trained parts), checkpoints count by their content."""
     setting = row.setting
     config = {
         "version": ROW_VERSION, "dataset": suite.dataset, "split": suite.split, "backbone": row.backbone,
-        "method": setting.method, "options": setting.options, "train": setting.train,
+        "method": method, "train": setting.train,
         "decoder": suite.decoder, "window": suite.window_for(row.backbone),
         "flops_images": suite.flops_images, "miou_images": suite.miou_images,
         "window_batch_size": suite.window_batch_size, "throughput": _throughput_config(suite),
@@ -89,7 +92,7 @@ def run_suite(suite: Suite, opts: RunOptions) -> list[dict]:
     bar = tqdm(todo, desc=f"suite {suite.name}", unit="row", disable=not opts.progress or not main)
     for row_plan in bar:
         bar.set_postfix_str(f"{row_plan.backbone} {row_plan.setting.label()}")
-        key = row_key(suite, row_plan, opts)
+        key = row_key(suite, row_plan, opts, method_identity(suite, row_plan, opts))
         path = rows_dir / f"{key}.json"
         fresh = opts.fresh or row_plan.setting.method in opts.fresh_methods
         row = distributed.broadcast_object(read_row(path, key) if main and not fresh else None)
@@ -105,9 +108,21 @@ def run_suite(suite: Suite, opts: RunOptions) -> list[dict]:
     return rows
 
 
+def method_identity(suite: Suite, row: Row, opts: RunOptions) -> dict:
+    """The identity of the row's method as the row will measure it: its missing trained
+    parts are trained first (cached), so retraining a part or changing a default gives
+    another key."""
+    backbone, setting = row.backbone, row.setting
+    if get_backbone(backbone).weights is not None and has_data(suite, opts):
+        train_missing_parts(suite, backbone, setting, opts)
+    return build_method(setting.method, get_backbone(backbone), get_dataset(suite.dataset),
+                        **setting.options).identity()
+
+
 def read_row(path: Path, key: str) -> dict | None:
     """A cached row, or None: missing, or damaged (unparsable, another key or format, no
-    numbers), in which case it is moved aside as ``<name>.bad`` and reported."""
+    numbers, or a figure out of range: :func:`check_row_numbers`), in which case it is
+    moved aside (:func:`~algm.cache.move_aside`) to be measured again."""
     if not path.is_file():
         return None
     try:
@@ -118,13 +133,28 @@ def read_row(path: Path, key: str) -> dict | None:
         missing = sorted(ROW_FIELDS - set(row))
         if missing:
             raise ValueError(f"no {', '.join(missing)}")
+        check_row_numbers(row)
         return row
     except (ValueError, KeyError, TypeError, AttributeError) as err:  # JSONDecodeError is a ValueError
-        bad = path.with_name(path.name + ".bad")
-        os.replace(path, bad)
-        print(f"algm-bench: damaged cached row {path} ({err}); moved to {bad.name}, measuring it again",
-              file=sys.stderr)
+        move_aside(path, clip(err), "cached row")
         return None
+
+
+def check_row_numbers(row: dict) -> None:
+    """A ValueError naming the first figure of a cached row that is no number, not finite
+    or out of range: GFLOPs > 0, tokens kept and mIoU within 0-100 (mIoU NaN: not
+    measured), every other figure >= 0."""
+    for name in ("gflops", "tokens_kept_pct"):
+        if isinstance(row[name], bool) or not isinstance(row[name], (int, float)):
+            raise ValueError(f"{name} is {brief(row[name])}, not a number")
+    for name, value in row.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if name.startswith("miou") and math.isnan(value):
+            continue
+        top = 100 if name == "tokens_kept_pct" or name.startswith("miou") else math.inf
+        if not (0 <= value <= top and math.isfinite(value)) or (name == "gflops" and value == 0):
+            raise ValueError(f"{name} is {value!r}, out of range")
 
 
 def finetune_models(suite: Suite, opts: RunOptions) -> Path:

@@ -1,10 +1,17 @@
-"""The import graph: layers point one way and no module imports itself in a circle.
+"""The import graph: layers point one way, no module imports itself in a circle, and a
+wall stands around every method.
 
 Layers, lowest first: ``core`` (every ``algm`` module except the command line),
 ``baselines``, ``suites``, ``app`` (``algm.cli`` and ``algm.commands``, the only place
 that imports ``algm.commands``). A module may import its own layer and the layers below.
 Every import counts, including those inside functions: a lazy import still ties two
 modules together.
+
+The wall: method modules (ALGM's ``algm.algm`` and every module of ``baselines``) import
+only the method contract, the shared token kernels, the training loop, the data geometry
+and loading, and the file helpers (:data:`METHOD_MAY_IMPORT`), plus the modules of their
+own family (``cts`` -> ``cts_policy``); nothing else imports a method module, so the
+framework, the suites and the command line find methods through the registry only.
 """
 
 from __future__ import annotations
@@ -13,8 +20,12 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("algm", "baselines", "suites")
+# every top-level package of the checkout (found, not listed: a new one is checked too)
+PACKAGES = tuple(sorted(p.parent.name for p in ROOT.glob("*/__init__.py") if p.parent.name != "tests"))
 LAYERS = ("core", "baselines", "suites", "app")
+METHOD_MAY_IMPORT = ("algm.reduction", "algm.methods", "algm.merging", "algm.config", "algm.training.loop",
+                     "algm.data.windows", "algm.data.datasets", "algm.cache", "algm.atomic",
+                     "algm.weights.torch_file")
 
 
 def project_modules() -> dict[str, Path]:
@@ -90,6 +101,37 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             visit(v)
     return out
+
+
+def is_method_module(module: str) -> bool:
+    return module == "algm.algm" or module.split(".")[0] == "baselines" and module != "baselines"
+
+
+def family(module: str) -> str:
+    """``baselines.cts_policy`` -> ``cts``: a method file and the files beside it."""
+    return module.rpartition(".")[2].split("_")[0]
+
+
+def test_packages_are_discovered():
+    assert {"algm", "baselines", "suites"} <= set(PACKAGES)
+    assert all(layer(m) in LAYERS for m in project_modules())
+
+
+def test_nothing_imports_a_method_module():
+    wrong = sorted(f"{src} imports {dst}" for src, dsts in graph().items() for dst in dsts
+                   if is_method_module(dst) and not is_method_module(src))
+    assert wrong == []
+
+
+def test_methods_import_only_the_contract_and_shared_kernels():
+    def allowed(src: str, dst: str) -> bool:
+        if is_method_module(dst):
+            return family(dst) == family(src)
+        return any(dst == m or dst.startswith(m + ".") for m in METHOD_MAY_IMPORT)
+
+    wrong = sorted(f"{src} imports {dst}" for src, dsts in graph().items() if is_method_module(src)
+                   for dst in dsts if not allowed(src, dst))
+    assert wrong == []
 
 
 def test_the_graph_sees_known_edges():

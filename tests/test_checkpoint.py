@@ -238,7 +238,12 @@ def test_non_finite_unused_classifier_is_ignored(tmp_path, source):
     ("net_kwargs: !!python/object:os.system {}\n", "not valid YAML: could not determine a constructor"),
     ("- a list\n", "expected a mapping of settings"),
     ("", r"expected a mapping of settings \(.*\), got NoneType"),
-    (b"a: \xff\x80", "not valid YAML: unacceptable character"),  # not UTF-8
+    (b"a: \xff\x80", r"not UTF-8 text \(byte 0xff at offset 3\); is this variant file a binary file\?$"),
+    (b"a: \x00\x01", "not valid YAML: .*special characters are not allowed"),  # binary, yet UTF-8
+    # a "billion laughs" alias bomb is refused before it expands, and so is any alias
+    ("a: &a [x, x]\nb: &b [*a, *a]\nc: &c [*b, *b]\nnet_kwargs: *c\n",
+     r"not valid YAML: aliases \(\*name\) are not allowed here \(line 2, column 8\)$"),
+    ("net_kwargs: {}\nnet_kwargs: {}\n", r"not valid YAML: key 'net_kwargs' is given twice \(line 2"),
 ])
 def test_malformed_variant_is_one_line_naming_the_file(tmp_path, source, text, words):
     path = write_official(tmp_path, source)
@@ -256,14 +261,18 @@ def test_malformed_variant_is_one_line_naming_the_file(tmp_path, source, text, w
      "    name: mask_transformer\n", "  decoder: mask\n", "net_kwargs.decoder must be a mapping"),
     ("inference_kwargs:\n  im_size: 64", "inference_kwargs: 64\nx:\n  im_size: 64",
      "inference_kwargs must be a mapping"),
+    ("  window_size: 64", "  window_size: 0",
+     r"inference_kwargs.window_size must be a whole number >= 1 or \[h, w\] of them, got 0$"),
+    ("  d_model: 64", "  d_model: " + "w" * 5000, "net_kwargs.d_model must be an integer, got 'w{20,}\\.\\.\\.w+'$"),
 ])
 def test_incomplete_variant_names_the_file_and_entry(tmp_path, source, old, new, words):
     path = write_official(tmp_path, source)
     variant = tmp_path / "variant.yml"
     assert old in variant.read_text()
     variant.write_text(variant.read_text().replace(old, new))
-    with pytest.raises(ValueError, match=f"^{variant}: {words}"):
+    with pytest.raises(ValueError, match=f"^{variant}: {words}") as err:
         load_checkpoint(path)
+    assert len(str(err.value)) < 200 + len(str(variant))  # a long value is shown shortened
 
 
 def test_checkpoint_folder_is_named(tmp_path, source):

@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from algm.commands.train_policy import register as register_train_policy
 from algm.config import DecoderConfig, ViTConfig, get_dataset
 from algm.data.datasets import DEFAULT_CAMVID_ROOT, Sample
 from algm.data.windows import tiles
@@ -292,7 +291,8 @@ def test_oracle_without_labels():
 
 
 def test_missing_learned_checkpoint_says_how_to_train(cache):
-    with pytest.raises(FileNotFoundError, match="algm-bench train-policy --dataset camvid --backbone tiny"):
+    with pytest.raises(FileNotFoundError,
+                       match="algm-bench train --method cts --policy learned --dataset camvid --backbone tiny"):
         cts(policy="learned")
 
 
@@ -358,14 +358,12 @@ def test_a_small_image_is_padded_not_refused():
     assert bool(data.targets[0, :, 12:].eq(1).all())  # all-ignore padding: one "class"
 
 
-def test_train_policy_parser():
-    import argparse
+def test_train_command_takes_the_policy_options():
+    from algm.cli import build_parser
 
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers()
-    register_train_policy(sub)
-    args = parser.parse_args(["train-policy", "--epochs", "2", "--arch", "lite0"])
-    assert args.epochs == 2 and args.arch == "lite0" and args.dataset == "camvid"
+    argv = ["train", "--method", "cts", "--policy", "learned", "--policy-arch", "lite0"]
+    args = build_parser(argv).parse_args(argv)
+    assert args.policy == "learned" and args.policy_arch == "lite0" and args.dataset == "camvid"
     assert callable(args.func)
 
 

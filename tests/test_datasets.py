@@ -261,7 +261,9 @@ def test_check_files_verifies_png_images(tmp_path):
 def test_missing_root_shows_layout(tmp_path, name):
     with pytest.raises(FileNotFoundError, match="expected layout") as info:
         build_dataset(name, "val", root=tmp_path / "nowhere")
-    assert ds._LOADERS[name].layout in str(info.value)
+    problem, layout = str(info.value).split("\n")  # two lines: the problem, the layout
+    assert problem == f"{name} val: the root {tmp_path / 'nowhere'} does not exist or is not a folder"
+    assert layout == f"expected layout under {tmp_path / 'nowhere'}: {ds.one_line(ds._LOADERS[name].layout)}"
 
 
 def test_missing_data_root_for_fixed_layouts():

@@ -405,3 +405,91 @@ def test_the_zoo_lists_the_published_ade20k_checkpoints_and_data():
     (data,) = [e for e in manifest["data"] if e["dataset"] == "ade20k"]
     assert data["url"] == "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
     assert data["extracts_to"] == "ADEChallengeData2016"
+
+
+# ------------------------------------------------------------------ hostile manifests (issue 27)
+def _listing(root: Path) -> list[Path]:
+    return sorted(root.rglob("*"))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda ckpt, data: ckpt.update(backbone="../../../../outside"),
+    lambda ckpt, data: ckpt.update(method="/tmp/absolute"),
+    lambda ckpt, data: ckpt["files"].update({"../../escape.pth": dict(ckpt["files"]["checkpoint.pth"])}),
+    lambda ckpt, data: data.update(file="../outside.zip"),
+    lambda ckpt, data: data.update(extracts_to="../ADEChallengeData2016"),
+])
+def test_a_manifest_path_leaving_its_root_is_refused_before_any_download(server, tmp_path, capsys, edit):
+    ckpt = checkpoint_entry("vit-s16", serve_model(server))
+    server.files["/ade.zip"] = ade_zip()
+    data = {"dataset": "ade20k", "file": "ade.zip", "url": server.url("/ade.zip"), "extracts_to": "ADEChallengeData2016"}
+    edit(ckpt, data)
+    (tmp_path / "m").mkdir()
+    manifest = write_manifest(tmp_path / "m" / "zoo.yaml", [ckpt], [data])
+    roots = tmp_path / "roots"
+    argv = ["fetch", "--dataset", "ade20k", "--manifest", str(manifest), "--checkpoints", str(roots / "c" / "k"),
+            "--data", "--data-root", str(roots / "d" / "a"), "--no-progress"]
+    assert algm.cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"algm-bench fetch: error: the manifest names the path '.*', which leaves .*; refusing "
+                        r"to write outside it\n", err)
+    assert server.log == []  # nothing downloaded
+    assert _listing(tmp_path) == [tmp_path / "m", manifest]  # nothing written (outside or in), nothing pinned
+
+
+@pytest.mark.parametrize("sha, message", [
+    ("0" * 64, "checkpoints[0].files.checkpoint.pth.sha256 must be a quoted string of 64 hex digits, got the "
+               "int 0 (quote it)"),
+    ("'abc'", "checkpoints[0].files.checkpoint.pth.sha256 must be 64 hex digits, got 'abc'"),
+])
+def test_a_checksum_must_be_a_hex_string_of_its_length(server, tmp_path, sha, message):
+    urls = serve_model(server)
+    manifest = tmp_path / "zoo.yaml"
+    manifest.write_text(f"checkpoints:\n- {{dataset: ade20k, backbone: vit-s16, method: none, files: "
+                        f"{{checkpoint.pth: {{url: '{urls['checkpoint.pth']}', sha256: {sha}}}}}}}\n")
+    with pytest.raises(ValueError) as err:
+        zoo.fetch("ade20k", manifest, checkpoints_root=tmp_path / "ckpt", progress=False)
+    assert str(err.value) == f"{manifest}: {message}"
+    assert server.log == [] and not (tmp_path / "ckpt").exists()
+
+
+def test_a_manifest_with_aliases_is_refused(tmp_path):
+    manifest = tmp_path / "zoo.yaml"
+    manifest.write_text("a: &a [x, x, x]\nb: &b [*a, *a, *a]\ncheckpoints: []\n")
+    with pytest.raises(ValueError, match=r"^.*zoo.yaml: not valid YAML: aliases \(\*name\) are not allowed here"):
+        zoo.load_manifest(manifest)
+
+
+def _zip(members: dict) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, body in members.items():
+            zf.writestr(name, body)
+    return buffer.getvalue()
+
+
+def test_a_zip_bomb_is_refused_from_its_declared_sizes_and_leaves_nothing(tmp_path):
+    bomb = tmp_path / "bomb.zip"
+    bomb.write_bytes(_zip({"ADEChallengeData2016/zeros.bin": bytes(64 << 20)}))  # 64 MiB from ~64 KiB
+    root = tmp_path / "data"
+    root.mkdir()
+    manifest = write_manifest(tmp_path / "zoo.yaml", data=[{
+        "dataset": "ade20k", "file": "bomb.zip", "url": str(bomb), "extracts_to": "ADEChallengeData2016"}])
+    with pytest.raises(ValueError) as err:
+        zoo.fetch("ade20k", manifest, data=True, data_root=root, checkpoints_root=tmp_path / "c", progress=False)
+    assert str(err.value) == (f"{root / 'bomb.zip'} would extract to 64 MiB, over the limit of 50 MiB; "
+                              f"refusing to extract it")
+    assert sorted(p.name for p in root.iterdir()) == ["bomb.zip", zoo.LOCK_NAME]  # no folder, no staging
+
+
+def test_extraction_limits_members_and_bytes_written(tmp_path):
+    archive = tmp_path / "a.zip"
+    archive.write_bytes(_zip({f"ADEChallengeData2016/{i}.txt": b"x" * 100 for i in range(5)}))
+    with pytest.raises(ValueError, match=r"holds 5 files, over the limit of 4; refusing to extract it$"):
+        zoo.extract(archive, tmp_path, "ADEChallengeData2016", zoo.ExtractLimits(max_members=4))
+    with pytest.raises(ValueError, match=r"would extract to 0 MiB, over the limit of 0 MiB"):
+        zoo.extract(archive, tmp_path, "ADEChallengeData2016", zoo.ExtractLimits(max_bytes=499))
+    archive.write_bytes(_zip({"ADEChallengeData2016/../../evil.txt": b"x"}))
+    with pytest.raises(ValueError, match=r"holds the member 'ADEChallengeData2016/../../evil.txt', which leaves"):
+        zoo.extract(archive, tmp_path, "ADEChallengeData2016")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip"]

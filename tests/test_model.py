@@ -52,8 +52,8 @@ class Recorder(TokenReduction):
         self.calls.append(("attn_bias", layer))
         return super().attn_bias(state, layer)
 
-    def mid_block(self, state, layer, keys):
-        self.calls.append(("mid_block", layer, tuple(keys.shape)))
+    def mid_block(self, state, layer, attn):
+        self.calls.append(("mid_block", layer, tuple(attn.keys.shape)))
         return state
 
     def after_block(self, state, layer):
@@ -162,7 +162,8 @@ def test_every_piece_of_the_forward_runs_through_the_stage_in_order():
         assert torch.equal(model.run(x, stage=stage).logits, model(x))
     blocks = [(name, i) for i in range(3) for name in ("attn_bias", "attend", "mid_block", "feed", "after_block")]
     assert pieces == ([("embed", None), ("begin", None), ("cls", None)] + blocks
-                      + [("norm", None), ("decoder", None), ("restore", None), ("upsample", None)])
+                      + [("norm", None), ("before_decoder", None), ("decoder", None), ("restore", None),
+                         ("upsample", None)])
 
 
 @pytest.mark.parametrize("batch", [1, 2])

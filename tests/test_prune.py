@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from algm import atomic
-from algm.commands.train_prune_heads import register
-from algm.config import DatasetSpec, DecoderConfig, ViTConfig
+from algm.cli import build_parser
+from algm.config import DatasetSpec, DecoderConfig, ViTConfig, get_backbone, get_dataset
 from algm.data.windows import tiles
 from algm.methods import build_method, required_training
 from algm.model.segmenter import build_segmenter
@@ -273,7 +273,7 @@ def test_defaults():
 
 def test_missing_trained_heads_say_how_to_train(tmp_path, monkeypatch):
     monkeypatch.setenv("ALGM_BENCH_CACHE", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="train-prune-heads") as err:
+    with pytest.raises(FileNotFoundError, match="algm-bench train --method prune") as err:
         build_method("prune", CFG, SPEC)
     assert "--random-heads" in str(err.value) and "tiny" in str(err.value)
 
@@ -310,10 +310,14 @@ def test_required_training_only_when_heads_are_missing(tmp_path, monkeypatch):
         torch.save({"format": options["file_format"], "meta": meta, "state_dict": heads.state_dict()}, out)
 
     monkeypatch.setattr(prune_train, "train_aux_heads", train)
-    task.run(TrainingContext(data_root="/data", window=(64, 96), progress=False))
+    with pytest.raises(ValueError, match="needs the framework's frozen encoder"):
+        task.run(TrainingContext(data_root="/data", window=(64, 96), progress=False))
+    encoder = object()
+    task.run(TrainingContext(data_root="/data", window=(64, 96), progress=False, frozen_encoder=encoder))
     (backbone, dataset, layers, out, options), = calls
     assert (backbone, dataset, layers, out) == ("tiny", "toy", (4, 5), task.path)
     assert options["window"] == (64, 96) and options["data_root"] == "/data" and options["progress"] is False
+    assert options["frozen_encoder"] is encoder  # the framework's encoder: the method builds no model
     # ... after which nothing is left to train and the method builds from that file.
     assert required_training("prune", CFG, SPEC) == []
     assert build_method("prune", CFG, SPEC).settings()["heads"].startswith("trained:tiny/toy:")
@@ -336,14 +340,23 @@ def test_cli_pieces():
     assert parse_layers("6, 8") == (6, 8)
     with pytest.raises(argparse.ArgumentTypeError):
         parse_layers("six")
-    parser = argparse.ArgumentParser(prog="algm-bench")
-    sub = parser.add_subparsers(dest="command")
-    register(sub)
-    args = parser.parse_args(["train-prune-heads", "--exit-layers", "6,8", "--epochs", "3"])
-    assert args.exit_layers == (6, 8) and args.epochs == 3 and callable(args.func)
-    with pytest.raises(SystemExit) as done:
-        parser.parse_args(["train-prune-heads", "--help"])
-    assert done.value.code == 0
+    args = build_parser(["train", "--method", "prune"]).parse_args(
+        ["train", "--method", "prune", "--exit-layers", "6,8", "--retrain"])
+    assert args.exit_layers == (6, 8) and args.retrain and callable(args.func)
+
+
+def test_train_lists_missing_heads_and_retrain_lists_them_all(tmp_path, monkeypatch):
+    """``train`` runs what ``required_training`` lists; a trained part is skipped unless
+    ``--retrain`` (the task list comes from the method, the command names none)."""
+    monkeypatch.setenv("ALGM_BENCH_CACHE", str(tmp_path))
+    cls, backbone, dataset = TokenPruning, get_backbone("vit-s14"), get_dataset("camvid")
+    config = cls.Config()
+    tasks = cls.required_training(config, backbone, dataset)
+    assert [t.path for t in tasks] == [heads_path("vit-s14", "camvid", (6, 8))]
+    tasks[0].path.parent.mkdir(parents=True, exist_ok=True)
+    tasks[0].path.write_bytes(b"trained")
+    assert cls.required_training(config, backbone, dataset) == []
+    assert [t.path for t in cls.training_tasks(config, backbone, dataset)] == [tasks[0].path]
 
 
 # --------------------------------------------------------------------- training pieces

@@ -2,11 +2,15 @@
 
 import dataclasses
 import math
+import os
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
+from algm.config import get_backbone, get_dataset
+from algm.methods import build_method
 from suites.definition import Setting, Suite, load_suite
 from suites.report import markdown_table, latex_table, reproduction_table, to_frame, write_reports
 from suites.plan import Row, RunOptions
@@ -39,6 +43,9 @@ def test_suite_errors_name_the_problem(tmp_path):
         load_suite(str(bad))
 
 
+OK = "dataset: camvid\nbackbones: [vit-s14]\nmethods: {none: [{}]}\n"  # a valid suite to add a key to
+
+
 @pytest.mark.parametrize("text,message", [
     ("dataset: camvid\nbackbones: [vit-s14]\nmethods: {none: [{}]}\nflops_image: 3\n",
      "unknown key(s) flops_image"),
@@ -48,42 +55,119 @@ def test_suite_errors_name_the_problem(tmp_path):
     ("dataset: camvid\nbackbones: [vit-s14]\nmethods: {none: [{}]}\nthroughput: {batch_sizes: [0]}\n",
      "throughput.batch_sizes must be whole numbers >= 1, got [0]"),
     ("- just a list\n", "expected a mapping of keys"),
+    # exact types, ranges and duplicates, each naming its key (issue 27)
+    (OK + "throughput: [1, 8]\n", "throughput must be a mapping of keys, got list [1, 8]"),
+    (OK + "published: [vit-s14]\n", "published must be a mapping of keys, got list ['vit-s14']"),
+    ("dataset: camvid\nbackbones: vit-s16\nmethods: {none: [{}]}\n",
+     "backbones must be a list of names such as [a, b], got 'vit-s16'"),
+    ("dataset: camvid\nbackbones: [vit-s14, vit-s14]\nmethods: {none: [{}]}\n", "backbones lists vit-s14 twice"),
+    (OK + 'gallery: "no"\n', "gallery must be true or false, got 'no'"),
+    ("dataset: camvid\nbackbones: [vit-s14]\nmethods: {algm: [{train: \"false\"}]}\n",
+     "methods.algm: train must be true or false, got 'false'"),
+    (OK + "miou_images: all\n", "miou_images must be a whole number >= 1, got 'all'"),
+    (OK + "window_batch_size: 0\n", "window_batch_size must be a whole number >= 1, got 0"),
+    (OK + "flops_images: -3\n", "flops_images must be a whole number >= 1, got -3"),
+    (OK + "decoder: foo\n", "decoder must be one of mask, linear, got 'foo'"),
+    (OK + "throughput: {batch_sizes: 4}\n", "throughput.batch_sizes must be a list such as [1, 8], got 4"),
+    (OK + "throughput: {batch_sizes: [true]}\n", "throughput.batch_sizes must be whole numbers >= 1, got [True]"),
+    (OK + "windows: {vit-s14: 336}\n", "windows.vit-s14 must be [h, w] in pixels, got 336"),
+    (OK + "published: {vit-s14: {none: {gflops: .inf}}}\n",
+     "published.vit-s14.none.gflops must be a number >= 0, got inf"),
+    ("dataset: camvid\nbackbones: [vit-s14]\nmethods: {algm: [{tau: 0.9}, {tau: 0.9}]}\n",
+     "methods.algm: the setting algm(tau=0.9) is given twice"),
+    (OK + "methods: {tome: [{}]}\n", "not valid YAML: key 'methods' is given twice (line 4, column 1)"),
+    ("dataset: camvid\nbackbones: [vit-s14]\nmethods: {none: [{}]}\n" + "x: " + "w" * 5000 + "\n",
+     "unknown key(s) x; valid:"),
+    ("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+     "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\ndataset: camvid\nbackbones: [vit-s14]\n"
+     "methods: {algm: [{tau: *c}]}\n", "not valid YAML: aliases (*name) are not allowed here (line 2, column 8)"),
+    (b"dataset: camvid\x00\x01\x02", "not valid YAML: unacceptable character #x0000: special characters"),
+    (b"\x89PNG\r\n\x1a\n\x00", "not UTF-8 text (byte 0x89 at offset 0); is this suite a binary file?"),
 ])
 def test_a_bad_suite_is_one_error_naming_the_file(tmp_path, text, message):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(text)
+    bad.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ValueError) as err:
         load_suite(str(bad))
     assert str(bad) in str(err.value) and message in str(err.value) and "\n" not in str(err.value)
+    assert len(str(err.value)) <= 500 + len(str(bad))  # a long value is never printed whole
+
+
+def test_a_suite_that_is_no_regular_file_is_refused_without_reading(tmp_path):
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # opening it for reading would block forever
+    with pytest.raises(ValueError) as err:
+        load_suite(str(fifo))
+    assert str(err.value) == (f"{fifo}: not a regular file (a FIFO); the suite must be a file (reading "
+                              f"this could block or never end)")
+
+
+def key(suite, row, opts):
+    """The row key as the runner computes it, from the identity of the row's method."""
+    method = build_method(row.setting.method, get_backbone(row.backbone), get_dataset(suite.dataset),
+                          **row.setting.options)
+    return row_key(suite, row, opts, method.identity())
 
 
 def test_row_key_changes_with_every_knob(tmp_path):
     suite = load_suite("camvid")
     opts = RunOptions()
-    a = row_key(suite, Row("vit-s14", Setting("algm", {"tau": 0.9})), opts)
-    assert a == row_key(suite, Row("vit-s14", Setting("algm", {"tau": 0.9})), opts)
-    assert a != row_key(suite, Row("vit-s14", Setting("algm", {"tau": 0.91})), opts)
-    assert a != row_key(suite, Row("vit-s14", Setting("algm", {"tau": 0.9}, train=True)), opts)
-    assert a != row_key(suite, Row("vit-s14", Setting("algm", {"tau": 0.9})), RunOptions(device="cuda"))
-    assert a != row_key(dataclasses.replace(suite, window_batch_size=4), Row("vit-s14", Setting("algm", {"tau": 0.9})), opts)
+    a = key(suite, Row("vit-s14", Setting("algm", {"tau": 0.9})), opts)
+    assert a == key(suite, Row("vit-s14", Setting("algm", {"tau": 0.9})), opts)
+    assert a != key(suite, Row("vit-s14", Setting("algm", {"tau": 0.91})), opts)
+    assert a != key(suite, Row("vit-s14", Setting("algm", {"tau": 0.9}, train=True)), opts)
+    assert a != key(suite, Row("vit-s14", Setting("algm", {"tau": 0.9})), RunOptions(device="cuda"))
+    assert a != key(dataclasses.replace(suite, window_batch_size=4), Row("vit-s14", Setting("algm", {"tau": 0.9})), opts)
     fewer = dataclasses.replace(suite.throughput, min_images=suite.throughput.min_images // 2)
-    assert a != row_key(dataclasses.replace(suite, throughput=fewer), Row("vit-s14", Setting("algm", {"tau": 0.9})), opts)
+    assert a != key(dataclasses.replace(suite, throughput=fewer), Row("vit-s14", Setting("algm", {"tau": 0.9})), opts)
     ckpt = tmp_path / "checkpoint.pth"
     ckpt.write_bytes(b"one")
-    with_ckpt = row_key(suite, Row("vit-s14", Setting("algm"), ckpt, ckpt), opts)
+    with_ckpt = key(suite, Row("vit-s14", Setting("algm"), ckpt, ckpt), opts)
     ckpt.write_bytes(b"two!")  # other weights, same file name: another row
-    assert with_ckpt != row_key(suite, Row("vit-s14", Setting("algm"), ckpt, ckpt), opts)
+    assert with_ckpt != key(suite, Row("vit-s14", Setting("algm"), ckpt, ckpt), opts)
+
+
+def test_row_key_follows_the_method_identity(tmp_path, monkeypatch):
+    """A changed per-backbone default or a part retrained into the same file gives a
+    new row key (the key hashes the built method's identity, not the YAML options)."""
+    import algm.algm
+    from baselines.prune import TokenPruning, new_heads
+    from baselines import prune
+
+    suite, opts = load_suite("camvid"), RunOptions()
+    row = Row("vit-s14", Setting("algm"))
+    before = key(suite, row, opts)
+    monkeypatch.setitem(algm.algm.TAU, ("camvid", "vit-s14"), 0.97)
+    assert key(suite, row, opts) != before
+
+    heads = tmp_path / "heads.pt"
+    backbone, dataset = get_backbone("vit-s14"), get_dataset("camvid")
+
+    def write_heads(seed):
+        torch.manual_seed(seed)
+        meta = {"backbone": backbone.name, "embed_dim": backbone.embed_dim, "n_cls": dataset.n_cls,
+                "exit_layers": [6, 8]}
+        torch.save({"format": prune.HEADS_FORMAT, "meta": meta,
+                    "state_dict": new_heads(backbone.embed_dim, dataset.n_cls, 2).state_dict()}, heads)
+
+    pruned = Row("vit-s14", Setting("prune", {"heads_file": str(heads)}))
+    write_heads(0)
+    first = key(suite, pruned, opts)
+    assert key(suite, pruned, opts) == first
+    write_heads(1)  # retrained into the same path
+    assert key(suite, pruned, opts) != first
+    assert isinstance(build_method("prune", backbone, dataset, heads_file=str(heads)), TokenPruning)
 
 
 def test_batched_settings_add_a_key_only_where_set():
-    """A ``batch`` setting hashes its batch; every other row keeps the key it had before
-    the key existed (cached reference rows stay valid; literals from that code)."""
+    """A ``batch`` setting hashes its batch; every other row keeps its key (literals from
+    the code that keyed rows by the method's identity)."""
     suite = Suite(name="mini", dataset="camvid", split="val", backbones=("vit-s14",), settings=())
     opts = RunOptions()
-    old = [(Setting("none"), "dba4e65a343d288b"), (Setting("algm", {"tau": 0.9}), "c6c9fa94ff1a10a8"),
-           (Setting("algm", train=True), "735a9158bd20dd25")]
-    assert [row_key(suite, Row("vit-s14", s), opts) for s, _ in old] == [key for _, key in old]
-    keys = {row_key(suite, Row("vit-s14", Setting("algm", {"tau": 0.9}, batch=b)), opts) for b in (4, 8)}
+    old = [(Setting("none"), "36a85429c90e2fdc"), (Setting("algm", {"tau": 0.9}), "522107849afe307f"),
+           (Setting("algm", train=True), "bb7497cb431186f7")]
+    assert [key(suite, Row("vit-s14", s), opts) for s, _ in old] == [key for _, key in old]
+    keys = {key(suite, Row("vit-s14", Setting("algm", {"tau": 0.9}, batch=b)), opts) for b in (4, 8)}
     assert len(keys | {old[1][1]}) == 3
     assert Setting("algm", {"batch_policy": "per_image"}, batch=8).label() == "algm(batch=8, batch_policy=per_image)"
     assert Setting("algm", {"tau": 0.9}).label() == "algm(tau=0.9)"
@@ -337,7 +421,7 @@ def test_attainable_is_a_switch_that_leaves_row_keys_alone():
     assert suite.throughput.attainable
     row = Row("vit-s14", Setting("algm", {"tau": 0.9}))
     off = dataclasses.replace(suite, throughput=dataclasses.replace(suite.throughput, attainable=False))
-    assert row_key(suite, row, RunOptions()) == row_key(off, row, RunOptions())
+    assert key(suite, row, RunOptions()) == key(off, row, RunOptions())
     for name in ("attainable", "breakdown"):
         with pytest.raises(ValueError) as err:
             Throughput(**{name: "yes"})

@@ -133,7 +133,7 @@ def test_index_map_equals_dense_source_matrix():
     b, n, c = 3, 24, 8
     state = TokenState.identity(torch.randn(b, n, c, generator=g), (4, 6))
     state = state.replace(x=torch.cat([torch.zeros(b, 1, c), state.x], 1),
-                          size=torch.ones(b, n + 1))
+                          size=torch.ones(b, n + 1), prefix=1)
     dense = torch.eye(n + 1).expand(b, -1, -1).clone()  # token -> original positions
     for r in (4, 5, 3, 2):
         m = bipartite_soft_matching(torch.randn(b, state.num_tokens, c, generator=g), r)
@@ -178,7 +178,7 @@ def test_merges_equal_tomes_official_code():
     b, n, c, k = 3, 96, 16, 6
     state = TokenState.identity(torch.randn(b, n, c, generator=g), (8, 12))
     state = state.replace(x=torch.cat([torch.randn(b, 1, c, generator=g), state.x], 1),
-                          size=torch.ones(b, n + 1))
+                          size=torch.ones(b, n + 1), prefix=1)
     x, size, dense = state.x, torch.ones(b, n + 1, 1), torch.eye(n + 1).expand(b, -1, -1)
     for r in (20, 16, 30, 1):
         metric = torch.randn(b, state.num_tokens, k, generator=g)

@@ -423,3 +423,61 @@ def test_poly_schedule_decays_from_lr_to_min_lr():
     assert schedule.lr_at(9, 10) > 1e-5
     with pytest.raises(ValueError, match="min_lr must be between 0 and lr"):
         Schedule(1e-3, "poly", 0.0, 1e-2)
+
+
+# ------------------------------------------------------------------ hostile caches (issue 27)
+def test_a_feature_file_of_another_shape_is_moved_aside_and_encoded_again(tmp_path, capsys):
+    data, setup = FakeData(2), tiny_setup()
+    first = extract_features(setup, dataset=data, cache=tmp_path, progress=False)
+    frame = first.path / "000001.pt"
+    blob = torch.load(frame, weights_only=True)
+    blob["items"][0]["x"] = blob["items"][0]["x"][:, :3]  # another encoder's width
+    torch.save(blob, frame)
+    calls = count_encoder_calls(setup)
+    again = extract_features(setup, dataset=data, cache=tmp_path, progress=False)
+    assert len(calls) == 1  # only the bad frame, encoded again
+    assert torch.equal(again.items[1]["x"], first.items[1]["x"])
+    assert (first.path / "000001.pt.bad").is_file()
+    assert f"damaged cache entry {frame} (ValueError: x of shape" in capsys.readouterr().err
+
+
+def test_a_damaged_feature_index_is_moved_aside_and_written_again(tmp_path):
+    data, setup = FakeData(2), tiny_setup()
+    first = extract_features(setup, dataset=data, cache=tmp_path, progress=False)
+    index = first.path / "index.json"
+    for damage in ("{not json", json.dumps({"n_items": 2})):
+        index.write_text(damage)
+        again = extract_features(setup, dataset=data, cache=tmp_path, progress=False)
+        assert again.index["n_items"] == 2 and json.loads(index.read_text())["n_items"] == 2
+    assert (first.path / "index.json.bad").is_file() and (first.path / "index.json.bad-2").is_file()
+
+
+def test_a_damaged_cached_head_is_moved_aside_and_trained_again(tmp_path):
+    data, setup = FakeData(2), tiny_setup()
+    head = train_head(setup, dataset=data, cache=tmp_path, progress=False, epochs=1)
+    head.write_bytes(head.read_bytes()[:-100])  # truncated
+    assert trained_head_path(setup, config=TrainConfig(epochs=1), dataset=data, cache=tmp_path) is None
+    assert head.with_name("head.pt.bad").is_file() and not head.exists()
+    head.with_name("head.pt.bad").replace(head)
+    assert train_head(setup, dataset=data, cache=tmp_path, progress=False, epochs=1) == head  # no error
+    load_head(setup, head)
+    assert head.with_name("head.pt.bad").is_file()
+
+
+@pytest.mark.parametrize("cached", ["{broken", '{"split": "val", "miou": NaN, "acc": 0.5, "n_images": 2}'])
+def test_a_damaged_cached_evaluation_is_moved_aside_and_recomputed(tmp_path, monkeypatch, cached):
+    setup = tiny_setup()
+    monkeypatch.setattr(head_mod, "build_dataset", lambda *a, **k: FakeData(2))
+    monkeypatch.setattr(FakeData, "classes", tuple("abc"), raising=False)
+    (tmp_path / "eval-val.json").write_text(cached)
+    row = head_mod.evaluate_head(setup, "val", folder=tmp_path, progress=False)
+    assert 0 <= row["miou"] <= 1 and row["n_images"] == 2
+    assert json.loads((tmp_path / "eval-val.json").read_text())["miou"] == row["miou"]
+    assert (tmp_path / "eval-val.json.bad").read_text() == cached
+
+
+@pytest.mark.parametrize("field", ["lr", "weight_decay", "scale_lr_mult", "warmup"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_hyper_parameters_are_refused_before_training(field, value):
+    with pytest.raises(ValueError, match=f"^{field.replace('_', ' ')} must be a finite number, got {value}$"):
+        TrainConfig(**{field: value})

@@ -58,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
     from suites.runner import run_suite, write_machine
 
     suite = load_suite(args.dataset)
+    unknown = sorted(set(args.fresh_method) - {s.method for s in suite.settings})
+    if unknown:
+        raise ValueError(f"--fresh-method {unknown[0]}: suite {suite.name} has no such method; its methods: "
+                         f"{', '.join(dict.fromkeys(s.method for s in suite.settings))}")
     distributed.init()
     if args.checkpoints and not Path(args.checkpoints).is_dir():
         raise NotADirectoryError(f"--checkpoints {args.checkpoints}: no such folder (expected "

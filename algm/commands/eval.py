@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from algm import distributed
 from algm.commands.common import (add_data_arguments, add_model_arguments, add_nproc_argument,
@@ -14,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help="mIoU with sliding-window inference",
         description="Sliding-window mIoU (window = crop, stride = crop - 32 or the checkpoint's "
-                    "window_stride, overlapping logits averaged) at the dataset's test scale, one "
+                    "window_stride, cut to the window where longer; overlapping logits averaged) at the dataset's test scale, one "
                     "confusion matrix over the split. The decoder is an official --checkpoint's "
                     "(backbone, dataset, window and stride come from its variant.yml), a --head "
                     "trained by `algm-bench train-head`, or by default the head this suite trained "
@@ -37,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from algm.data.datasets import build_dataset, check_files
+    from algm.data.windows import covering_stride
     from algm.evaluate import evaluate
 
     distributed.init()
@@ -45,9 +47,12 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(no_head_message(setup_from_args(args, method="none"), args.decoder))
     dataset = build_dataset(setup.dataset.name, args.split, root=args.data_root, limit=args.limit)
     check_files(dataset)  # the first unreadable file fails now, naming it
+    stride, note = covering_stride(setup.window, setup.stride)  # e.g. --crop under a checkpoint's stride
+    if note and distributed.is_main():
+        print(f"algm-bench eval: note: {note}", file=sys.stderr)
     model = setup.model
     distributed.broadcast_module(model)  # the same weights everywhere, random ones included
-    result = evaluate(model.to(distributed.device(args.device)), dataset, setup.window, setup.stride,
+    result = evaluate(model.to(distributed.device(args.device)), dataset, setup.window, stride,
                       backbone_cfg=setup.backbone, limit=args.limit, progress=not args.no_progress,
                       batch_size=args.window_batch_size, distributed=True)
     if not distributed.is_main():
@@ -56,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         "miou": result.miou, "acc": result.acc, "images": result.n_images,
         "dataset": setup.dataset.name, "split": args.split, "backbone": setup.backbone.name,
         "method": model.method.name, "settings": model.method.settings(),
-        "window": list(setup.window), "stride": list(setup.stride),
+        "window": list(setup.window), "stride": list(stride),
         "window_batch_size": args.window_batch_size, "weights": setup.weights.describe(),
         "processes": distributed.world_size(),
         **{k: v for k, v in result.to_dict(dataset.classes).items() if k == "per_class_iou"},

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import suites
 from algm.config import DATASETS
 
-DEFAULT_MANIFEST = Path(suites.__file__).resolve().with_name("zoo.yaml")
+# The suites package sits beside algm (installed or in a checkout); found by path, not by
+# importing ``suites``, which a folder of that name in the working directory could shadow.
+DEFAULT_MANIFEST = Path(__file__).resolve().parents[2] / "suites" / "zoo.yaml"
 
 
 def comma_list(text: str) -> list[str]:

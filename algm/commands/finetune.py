@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 
 from algm.commands.common import (add_data_arguments, add_model_arguments, add_training_output_arguments,
                                   default_device, device, emit, no_head_message, positive_int,
@@ -72,6 +73,7 @@ def config_from_args(args: argparse.Namespace, n_frames: int) -> FinetuneConfig:
 
 def run(args: argparse.Namespace) -> int:
     from algm.data.datasets import build_dataset, check_files
+    from algm.data.windows import covering_stride
     from algm.evaluate import evaluate
 
     setup = setup_with_decoder(args)
@@ -95,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
              f"{record['wall_seconds'] / 60:.1f} min when it ran"]
     out_json = {"checkpoint": str(result.checkpoint), **record}
     if not args.no_eval:
-        res = evaluate(setup.model.to(args.device), evaluation, setup.window, setup.stride,
+        stride, note = covering_stride(setup.window, setup.stride)  # e.g. --crop under a checkpoint's stride
+        if note:
+            print(f"algm-bench finetune: note: {note}", file=sys.stderr)
+        res = evaluate(setup.model.to(args.device), evaluation, setup.window, stride,
                        progress=not args.quiet)
         setup.model.to("cpu")
         out_json["eval"] = {"split": args.eval_split, "miou": res.miou, "acc": res.acc, "images": res.n_images}

@@ -14,8 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "flops", help="count GFLOPs (fvcore, batch 1)",
         description="Count GFLOPs with fvcore at batch 1: encoder + decoder + restore + upsample, "
-                    "one window-sized forward. Methods that adapt to the image (ALGM, ToMe with "
-                    "thresholds, pruning, CTS) are averaged over --limit images of the split; "
+                    "one window-sized forward. Methods whose token counts depend on the image "
+                    "are averaged over --limit images of the split; "
                     "the baseline is counted on one random image (its count does not depend on "
                     "content or weights).",
     )

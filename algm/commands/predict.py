@@ -32,6 +32,7 @@ import torch
 from algm.commands.common import (add_model_arguments, default_device, device, no_head_message,
                                   setup_from_args, setup_with_decoder)
 from algm.config import DatasetSpec, ViTConfig
+from algm.files import regular_file
 from algm.methods import methods
 from algm.pictures.predict import Prediction
 
@@ -151,7 +152,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     _check_out_dir(out)
-    images = [Path(p) for p in args.image]
+    images = [regular_file(p, "image") for p in args.image]  # a FIFO or device is no image (and would block)
     for path in images:
         check_image(path)
     stems: dict[str, Path] = {}
@@ -193,7 +194,7 @@ def run_compare(args: argparse.Namespace) -> int:
                          f"{', '.join('.' + f for f in sorted(formats))} (e.g. fig.png)")
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give a file name such as {out / 'fig.png'}")
-    check_image(args.image)
+    check_image(regular_file(args.image, "image"))
     loaded = load_for_pictures(args)
     classes, palette = class_meta(loaded.dataset.name, loaded.model.n_cls)
     image = read_image(args.image)

@@ -22,6 +22,8 @@ dataset classes (CamVid, which mmseg lacks: the SegNet tutorial's 11-class palet
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
@@ -33,6 +35,7 @@ from torch.utils.data import Dataset
 
 import algm
 from algm.config import get_dataset
+from algm.files import read_text, regular_file
 from algm.data.classes import (
     CAMVID_CLASSES, CAMVID_PALETTE, ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, PASCAL_CONTEXT_CLASSES, PASCAL_CONTEXT_PALETTE, COCO_STUFF_CLASSES, COCO_STUFF_PALETTE,
 )
@@ -43,6 +46,7 @@ DEFAULT_CAMVID_ROOT = (REPO_ROOT / ".." / "shared" / "data" / "camvid").resolve(
 Files = list[tuple[Path, Path, str]]  # (image path, label path, frame name)
 LABEL_CHANNELS = "a label must be a single-channel image of class indices"
 ADE20K_FOLDERS = {"train": "training", "val": "validation"}  # split -> folder
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # per image: Pillow's warning threshold, about 89 megapixels
 
 
 class Sample(NamedTuple):
@@ -128,27 +132,46 @@ def check_files(dataset: SegDataset) -> None:
 
 def check_image_file(path: str | Path) -> tuple[str, tuple[int, int]]:
     """(mode, (H, W)) of one image file, after checking that its data is complete, as
-    :func:`check_files` does; a ValueError names the file (a missing one included)."""
-    try:
-        with Image.open(path) as im:
+    :func:`check_files` does; errors as :func:`open_image`."""
+    with open_image(path) as im:
+        try:
             mode, hw = im.mode, (im.height, im.width)
             if im.format in ("JPEG", "MPO"):
                 im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
                 im.load()
             else:
                 im.verify()
-    except (OSError, SyntaxError) as err:  # PIL reports some broken files as SyntaxError
-        raise _unreadable(path, err) from None
+        except (OSError, SyntaxError) as err:  # PIL reports some broken files as SyntaxError
+            raise _unreadable(path, err) from None
     return mode, hw
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """``Image.open`` of an image file, refused before any pixel is decoded (one line
+    naming the file) if it is missing or not a regular file (a FIFO would block),
+    unreadable, or larger than :data:`MAX_PIXELS` (Pillow's decompression-bomb limit,
+    whose own error is a traceback)."""
+    regular_file(path, "image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        pixels = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{int(pixels[1]) / 1e6:.0f} megapixels, " if pixels else ""
+        raise ValueError(f"{path}: image too large ({size}over the limit of {MAX_PIXELS / 1e6:.0f} "
+                         f"megapixels); refusing to decode it") from None
+    except (OSError, SyntaxError) as err:
+        raise _unreadable(path, err) from None
 
 
 def _decode(path: Path, mode: str | None = None) -> tuple[str, np.ndarray]:
     """(the file's mode, its pixels as an array, converted to ``mode`` if given)."""
-    try:
-        with Image.open(path) as im:
+    with open_image(path) as im:
+        try:
             return im.mode, np.array(im.convert(mode) if mode else im)
-    except (OSError, SyntaxError) as err:
-        raise _unreadable(path, err) from None
+        except (OSError, SyntaxError) as err:
+            raise _unreadable(path, err) from None
 
 
 def _unreadable(path: Path, err: BaseException) -> ValueError:
@@ -192,9 +215,9 @@ def build_dataset(name: str, split: str, root: str | Path | None = None, limit: 
     except _Missing as missing:
         hint = ""
         if loader.top and base.name == loader.top:
-            hint = f"\n(the root is the folder that contains {loader.top}: try {base.parent})"
-        raise FileNotFoundError(f"{name} {split}: {missing}\nexpected layout under {base}:\n"
-                                f"{loader.layout}{hint}") from None
+            hint = f" (the root is the folder that contains {loader.top}: try {base.parent})"
+        raise FileNotFoundError(f"{name} {split}: {missing}{hint}\nexpected layout under {base}: "
+                                f"{one_line(loader.layout)}") from None
     lut = _lut(len(classes), spec.ignore_index, reduce_zero_label)
     return SegDataset(name, split, base, files, classes, palette, spec.ignore_index, lut)
 
@@ -207,7 +230,12 @@ def resolve_root(name: str, root: str | Path | None = None) -> Path:
     if name == "camvid":
         return DEFAULT_CAMVID_ROOT
     raise FileNotFoundError(f"{name}: no data root; pass --data-root (root=) or set DATA_ROOT to the "
-                            f"folder with this layout:\n{_LOADERS[name].layout}")
+                            f"folder with this layout:\n{one_line(_LOADERS[name].layout)}")
+
+
+def one_line(layout: str) -> str:
+    """A layout tree on one line: its entries joined with '; ', spacing collapsed."""
+    return "; ".join(" ".join(line.split()) for line in layout.splitlines() if line.strip())
 
 
 class _Missing(Exception):
@@ -241,7 +269,7 @@ def _check_exist(files: Files) -> None:
 
 
 def _read_list(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [line.strip() for line in read_text(path, "frame list").splitlines() if line.strip()]
 
 
 def _pair_dir(image_dir: Path, label_dir: Path, image_suffix: str, label_suffix: str,

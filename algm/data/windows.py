@@ -8,8 +8,8 @@
    (zero = the mean colour after normalisation; labels get the ignore index).
 3. **Windows.** Window origins follow mmseg's sliding rule (:func:`window_starts`):
    every ``stride`` pixels, the last one flush with the image. Evaluation slides with
-   stride = window - 32 (:func:`default_stride`); training (decoder heads, pruning
-   heads, the CTS policy) tiles with stride = window, i.e. the fewest windows that cover
+   stride = window - 32 (:func:`default_stride`); training (decoder heads, a
+   method's trained parts) tiles with stride = window, i.e. the fewest windows that cover
    the image (:func:`tiles`); single-window consumers (GFLOPs, throughput, pictures)
    take the centre window (:func:`center_window`), which is the only tile wherever
    one window covers the image.
@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from algm.config import check_memory
 from algm.data.datasets import build_dataset
 
 BATCH_KINDS = ("mixed", "repeated")
@@ -102,6 +103,16 @@ def window_boxes(size: Window, window: Window, stride: Window | None = None) -> 
 def default_stride(window: Window) -> Window:
     """Evaluation stride: window minus 32 pixels per side, at least 1."""
     return (max(window[0] - DEFAULT_OVERLAP, 1), max(window[1] - DEFAULT_OVERLAP, 1))
+
+
+def covering_stride(window: Window, stride: Window) -> tuple[Window, str | None]:
+    """``stride`` with each side cut to the window's (a longer step leaves the pixels
+    between windows unevaluated), and a note saying so when it was cut (else None)."""
+    covering = (min(stride[0], window[0]), min(stride[1], window[1]))
+    if covering == tuple(stride):
+        return covering, None
+    return covering, (f"the stride {stride[0]}x{stride[1]} is longer than the {window[0]}x{window[1]} "
+                      f"window and would leave pixels unevaluated; using stride {covering[0]}x{covering[1]}")
 
 
 def tiles(image: Tensor, window: Window, mean: Sequence[float], std: Sequence[float],
@@ -176,6 +187,8 @@ def frames_batch(dataset: str, split: str, window: Window, mean: Sequence[float]
     the first frame B times (the authors' protocol)."""
     if kind not in BATCH_KINDS:
         raise ValueError(f"batch kind must be one of {', '.join(BATCH_KINDS)}, got {kind!r}")
+    check_memory(batch_size * 3 * window[0] * window[1] * 4, f"a batch of {batch_size:,} images of "
+                 f"{window[0]}x{window[1]}")  # the fp32 input alone
     n = 1 if kind == "repeated" else batch_size
     frames = list(split_windows(dataset, split, window, mean, std, n, root))
     if len(frames) < n:

@@ -46,7 +46,8 @@ class ZeroCostReduction(TokenReduction):
         kept = torch.div(torch.arange(k, device=patches.device) * n, k, rounding_mode="floor")
         source = torch.searchsorted(kept, torch.arange(n, device=patches.device), right=True) - 1
         size = torch.bincount(source, minlength=k).to(patches.dtype)
-        return TokenState(x=patches[:, kept], size=size.expand(b, k), source=source.expand(b, n), grid=ctx.grid)
+        return TokenState(x=patches[:, kept], size=size.expand(b, k), source=source.expand(b, n), grid=ctx.grid,
+                          prefix=0)
 
 
 def matched_tokens(model: Segmenter, images: Tensor, gflops: float) -> int:

@@ -14,7 +14,8 @@ pieces are grouped into stages:
   5.mlp-12``; ``.attn`` is the attention residual, ``.mlp`` the MLP residual, a bare
   number the whole block; the final norm joins the last group).
 * ``method``: the method's own hook calls that change the state, one stage each
-  (``algm mid_block 1``): ``mid_block`` / ``after_block`` calls that return a new state
+  (``algm mid_block 1``): ``mid_block`` / ``after_block`` / ``before_decoder`` calls
+  that return a new state
   (the identity hooks return their input), ``begin`` when the method overrides it, and
   ``<method> attn_bias``, every attention bias the method returns, summed. Hook calls
   that change nothing join the block group around them, so ``none`` has no method stage.
@@ -158,7 +159,7 @@ class StageClock:
         """Whether a hook call is a method step (identity-object checks: no device sync)."""
         if name == "begin":
             return type(self.method).begin is not TokenReduction.begin
-        if name in ("mid_block", "after_block"):
+        if name in ("mid_block", "after_block", "before_decoder"):
             return out is not args[0]
         if name == "attn_bias":
             return out is not None
@@ -169,7 +170,7 @@ class StageClock:
             self._stage(_FIXED_PIECES.get(name, "patch embed"), FIXED, seconds)
         elif name == "attn_bias" and changes:  # every block's bias, summed: no boundary
             self._stage(f"{self.method.name} attn_bias", METHOD, seconds)
-        elif name in ("begin", "mid_block", "after_block") and changes:
+        elif name in ("begin", "mid_block", "after_block", "before_decoder") and changes:
             self._close()
             where = "" if layer is None else f" {layer + 1}"
             self._stage(f"{self.method.name} {name}{where}", METHOD, seconds)

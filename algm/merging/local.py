@@ -152,7 +152,7 @@ def local_merge(state: TokenState, tau: float, per_image: bool = False) -> Token
     windows = window_index(state.grid, state.x.device)
     if windows.shape[0] == 0:
         return state
-    xw = gather_windows(state.x[:, 1:], state.grid)  # (B, W, 4, D)
+    xw = gather_windows(state.patches, state.grid)  # (B, W, 4, D)
     scores = window_scores(xw)
     merge = select_windows(scores, tau, per_image)
     k = merge.sum(1)

@@ -60,11 +60,11 @@ class Segmenter(nn.Module):
         return SegmenterOutput(logits=logits, tokens=tokens, token_logits=per_patch)
 
     def patch_logits(self, state: TokenState, stage: Stage = run_stage) -> Tensor:
-        """Final encoder state (x: (B, T, D) with cls) -> (B, N, n_cls) per grid patch:
-        the decoder on the patch tokens ``x[:, 1:]`` (``keep[:, 1:]`` masks padding),
-        then the method's ``restore`` to the patch grid."""
-        keep = None if state.keep is None else state.keep[:, 1:]
-        token_out = stage("decoder", None, self.decoder, state.x[:, 1:], keep)
+        """Final encoder state (x: (B, T, D), prefix tokens first) -> (B, N, n_cls) per
+        grid patch: the method's ``before_decoder``, the decoder on the patch tokens
+        (their ``keep`` masks padding), then the method's ``restore`` to the patch grid."""
+        state = stage("before_decoder", None, self.method.before_decoder, state)
+        token_out = stage("decoder", None, self.decoder, state.patches, state.patch_keep)
         return stage("restore", None, self.method.restore, token_out, state)
 
     def decode(self, state: TokenState, size: tuple[int, int]) -> Tensor:

@@ -14,12 +14,12 @@ from timm.layers import LayerScale, Mlp, trunc_normal_
 from torch import Tensor, nn
 
 from algm.config import ViTConfig, check_window
-from algm.reduction import EncoderContext, NoReduction, TokenReduction, TokenState, prepend_cls
+from algm.reduction import AttentionView, EncoderContext, NoReduction, TokenReduction, TokenState, prepend_cls
 
 # ``stage(name, layer, fn, *args)`` runs one piece of a forward, ``fn(*args)``, and returns
 # its result. ``name`` says which piece: the encoder's "embed", "cls", "attend", "feed",
 # "norm", the method hooks "begin", "attn_bias", "mid_block", "after_block" (the
-# segmenter adds "decoder", "restore", "upsample"); ``layer`` is the 0-based block or
+# segmenter adds "before_decoder", "decoder", "restore", "upsample"); ``layer`` is the 0-based block or
 # None. The forwards take one so that a timer (algm.measure.breakdown) can step through
 # them without a second copy of the loop; the default calls the piece and nothing else.
 Stage = Callable[..., Any]
@@ -34,7 +34,8 @@ class Attention(nn.Module):
     """Multi-head self-attention through ``F.scaled_dot_product_attention``.
 
     The fused kernel is what users time with; fvcore counts it through the handle in
-    ``algm.measure.flops``. Returns the keys too, for methods that merge on them (ToMe).
+    ``algm.measure.flops``. Returns the queries and keys too, for methods that read them
+    (a method may merge on the keys or rank tokens by the cls token's attention).
     """
 
     def __init__(self, dim: int, num_heads: int):
@@ -45,16 +46,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x: (B, T, D); bias: additive, broadcastable to (B, H, T, T).
 
-        Returns the output (B, T, D) and the keys (B, H, T, D/H).
+        Returns the output (B, T, D), the queries and the keys (B, H, T, D/H).
         """
         b, t, d = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.proj(out.transpose(1, 2).reshape(b, t, d)), k
+        return self.proj(out.transpose(1, 2).reshape(b, t, d)), q, k
 
 
 class Block(nn.Module):
@@ -70,10 +71,10 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
         self.ls2 = LayerScale(dim, 1e-5) if layer_scale else nn.Identity()
 
-    def attend(self, x: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """x + attention residual; also returns the keys (B, H, T, d)."""
-        a, k = self.attn(self.norm1(x), bias)
-        return x + self.ls1(a), k
+    def attend(self, x: Tensor, bias: Tensor | None = None, prefix: int = 1) -> tuple[Tensor, AttentionView]:
+        """x + attention residual; also returns the block's :class:`AttentionView`."""
+        a, q, k = self.attn(self.norm1(x), bias)
+        return x + self.ls1(a), AttentionView(queries=q, keys=k, bias=bias, prefix=prefix)
 
     def feed(self, x: Tensor) -> Tensor:
         """x + MLP residual."""
@@ -176,8 +177,8 @@ class ViTEncoder(nn.Module):
         for i in blocks:
             blk = self.blocks[i]
             bias = stage("attn_bias", i, method.attn_bias, state, i)
-            x, keys = stage("attend", i, blk.attend, state.x, bias)
-            state = stage("mid_block", i, method.mid_block, state.replace(x=x), i, keys)
+            x, attn = stage("attend", i, blk.attend, state.x, bias, state.prefix)
+            state = stage("mid_block", i, method.mid_block, state.replace(x=x), i, attn)
             x = stage("feed", i, blk.feed, state.x)
             state = stage("after_block", i, method.after_block, state.replace(x=x), i)
             alive.append(state.alive())

@@ -20,12 +20,12 @@ a method's merging decisions up to there are fixed per view, so the cached state
 what the frozen part computes (``x`` stored in fp16, as for the final states).
 
 The cache entry is keyed by :func:`feature_identity`: backbone config, a fingerprint of
-the encoder and method weights, dataset, split, the frames used, window, method name +
-``settings()``, the flip copy and the storage format. Another method setting (ALGM's
-tau, ToMe's r, ...) therefore never reuses stale features. One file per frame, so an
+the encoder and method weights, dataset, split, the frames used, window, the method's
+``identity()`` (name, settings, trained parts), the flip copy and the storage format. Another method setting (ALGM's
+tau, a merge count, ...) therefore never reuses stale features. One file per frame, so an
 interrupted extraction continues where it stopped.
 
-``aux`` (e.g. pruning's exit predictions, needed by the method's ``restore``) is a
+``aux`` (e.g. early-exit predictions, needed by the method's ``restore``) is a
 tensor or a dataclass of batch-first tensors. In memory an item holds it as is (CPU
 tensors, batch 1) and :func:`collate` concatenates it into ``type(aux)``. On disk (read
 with ``weights_only``) it is plain tensors plus the class's ``module:qualname``, which
@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,6 +50,9 @@ from tqdm import tqdm
 
 from algm import atomic
 from algm.build import Setup
+from algm.cache import move_aside
+from algm.files import read_text
+from algm.safe_yaml import clip
 from algm.data.windows import random_view, tiles
 from algm.reduction import TokenReduction, TokenState
 from algm.training.keys import cache_folder, cache_label, digest, weights_fingerprint
@@ -63,6 +68,7 @@ class FeatureCache:
     items: list[dict]
     extract_seconds: float  # wall time of this call's encoding, 0 when all came from disk
     extract_cpu_seconds: float = 0.0  # process CPU time of the same
+    index: dict = dataclasses.field(default_factory=dict)  # index.json: identity, n_items, first extraction's times
 
 
 def open_split(setup: Setup, split: str, dataset=None, root: str | Path | None = None,
@@ -105,8 +111,7 @@ def feature_identity(setup: Setup, split: str, names: Sequence[str], flip: bool,
         "frames": digest(list(names)),
         "n_frames": len(names),
         "window": list(setup.window),
-        "method": method.name,
-        "settings": method.settings(),
+        "method": method.identity(),
         "flip": bool(flip),
     }
 
@@ -221,16 +226,61 @@ def _encode_frame(setup: Setup, sample, index: int, ignore_index: int, label_dty
     return [_encode(setup, image, label, label_dtype, blocks) for image, label in windows]
 
 
-def _read_frame(file: Path, method: TokenReduction) -> list[dict] | None:
-    """The items of a frame file, or None if it is missing or truncated (redo it)."""
+def _read_frame(file: Path, method: TokenReduction, dim: int, window: tuple[int, int]) -> list[dict] | None:
+    """The items of a frame file, or None if it is missing; a damaged one (truncated by a
+    full disk, or of another shape) is moved aside (:func:`~algm.cache.move_aside`) and
+    None returned, so the frame is encoded again."""
     if not file.is_file():
         return None
     try:
         items = torch.load(file, map_location="cpu", weights_only=True)["items"]
-    except Exception:  # a damaged file (e.g. a full disk) is a cache miss
-        file.unlink()
+        check_items(items, dim, window)
+        return [{**it, "aux": _aux_from_record(it["aux"], method)} for it in items]
+    except Exception as err:  # torch.load fails on junk with any type of error
+        move_aside(file, clip(f"{type(err).__name__}: {err}"))
         return None
-    return [{**it, "aux": _aux_from_record(it["aux"], method)} for it in items]
+
+
+def check_items(items: object, dim: int, window: tuple[int, int]) -> None:
+    """A ValueError naming the first cached item that is not what :func:`_encode` writes
+    for a ``dim``-wide encoder and this ``window``: x (T, dim), size and keep (T,),
+    source (gh * gw,) indexing the T tokens, label (h, w)."""
+    if not isinstance(items, list) or not items:
+        raise ValueError("no items")
+    for it in items:
+        x, size, source, keep, grid, label = (it[k] for k in ("x", "size", "source", "keep", "grid", "label"))
+        if x.dim() != 2 or x.shape[1] != dim or not bool(torch.isfinite(x).all()):
+            raise ValueError(f"x of shape {tuple(x.shape)} (expected (T, {dim}), finite)")
+        t = x.shape[0]
+        if tuple(size.shape) != (t,) or (keep is not None and tuple(keep.shape) != (t,)):
+            raise ValueError(f"size / keep do not have the {t} tokens of x")
+        if len(grid) != 2 or tuple(source.shape) != (grid[0] * grid[1],) or tuple(label.shape) != tuple(window):
+            raise ValueError(f"source {tuple(source.shape)} / label {tuple(label.shape)} do not fit the "
+                             f"grid {grid} and window {tuple(window)}")
+        if source.numel() and (int(source.min()) < 0 or int(source.max()) >= t):
+            raise ValueError(f"source indexes tokens outside the {t} of x")
+
+
+def _index(path: Path, identity: dict, n_items: int, seconds: float, cpu_seconds: float) -> dict:
+    """``index.json`` of a complete cache: read back if it describes this cache (its
+    identity and item count), else (missing, or damaged: moved aside) written with this
+    call's extraction times."""
+    done = path / "index.json"
+    if done.exists():
+        try:
+            index = json.loads(read_text(done, "feature index"))
+            if not isinstance(index, dict) or any(index.get(k) != v for k, v in identity.items()):
+                raise ValueError("another cache's identity")
+            if index.get("n_items") != n_items or not all(
+                    isinstance(index.get(k), (int, float)) and math.isfinite(index[k]) and index[k] >= 0
+                    for k in ("extract_seconds", "extract_cpu_seconds")):
+                raise ValueError("item count or times missing or wrong")
+            return index
+        except ValueError as err:  # JSONDecodeError is a ValueError
+            move_aside(done, clip(err))
+    index = {**identity, "n_items": n_items, "extract_seconds": seconds, "extract_cpu_seconds": cpu_seconds}
+    atomic.write_json(done, index)
+    return index
 
 
 def extract_features(setup: Setup, split: str = "train", *, flip: bool = False, dataset=None,
@@ -261,7 +311,7 @@ def extract_features(setup: Setup, split: str = "train", *, flip: bool = False, 
     try:
         for i in tqdm(range(len(data)), desc=f"{kind} {split}", unit="img", disable=not progress):
             file = path / f"{i:06d}.pt"
-            frame = _read_frame(file, method)
+            frame = _read_frame(file, method, setup.backbone.embed_dim, setup.window)
             if frame is None:
                 sample = data[i]
                 frame = _encode_frame(setup, sample, i, data.ignore_index, label_dtype, flip,
@@ -274,11 +324,9 @@ def extract_features(setup: Setup, split: str = "train", *, flip: bool = False, 
         setup.model.train(was_training)
     seconds = time.perf_counter() - start if encoded else 0.0
     cpu_seconds = time.process_time() - cpu if encoded else 0.0
-    done = path / "index.json"
-    if not done.is_file():
-        atomic.write_json(done, {**identity, "n_items": len(items), "extract_seconds": seconds,
-                                 "extract_cpu_seconds": cpu_seconds})
-    return FeatureCache(path=path, items=items, extract_seconds=seconds, extract_cpu_seconds=cpu_seconds)
+    index = _index(path, json.loads(json.dumps(identity, default=str)), len(items), seconds, cpu_seconds)
+    return FeatureCache(path=path, items=items, extract_seconds=seconds, extract_cpu_seconds=cpu_seconds,
+                        index=index)
 
 
 # ------------------------------------------------------------------ batching

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from algm.build import Setup
 from algm.data.windows import random_view
 from algm.precision import autocast_context, native_bf16
+from algm.safe_yaml import brief
 from algm.training.features import collate, extract_features, frame_names, open_split
 from algm.training.keys import cache_folder, cache_label, digest, weights_fingerprint
 from algm.training.loop import Schedule, StepResult, fit
@@ -77,15 +78,17 @@ class FinetuneConfig:
     def __post_init__(self):
         for name in ("epochs", "views", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"finetune {name} must be a whole number >= 1, got {getattr(self, name)!r}")
+                raise ValueError(f"finetune {name} must be a whole number >= 1, got {brief(getattr(self, name))}")
         if not isinstance(self.freeze_blocks, int) or self.freeze_blocks < 0:
-            raise ValueError(f"freeze_blocks must be a whole number >= 0, got {self.freeze_blocks!r}")
+            raise ValueError(f"freeze_blocks must be a whole number >= 0, got {brief(self.freeze_blocks)}")
         for name in ("lr", "min_lr", "momentum", "weight_decay"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"finetune {name} must be a number, got {value!r}")
+                raise ValueError(f"finetune {name} must be a number, got {brief(value)}")
+            if not math.isfinite(value):  # NaN or inf trains NaN weights
+                raise ValueError(f"finetune {name} must be finite, got {value}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {brief(self.precision)}")
         if self.momentum < 0 or self.weight_decay < 0:
             raise ValueError("momentum and weight_decay must be >= 0")
         self.schedule()  # checks lr and min_lr
@@ -131,8 +134,8 @@ def finetune_identity(setup: Setup, config: FinetuneConfig, split: str, names: l
     method = setup.model.method
     return {"format": FINETUNE_FORMAT, "start": weights_fingerprint(setup.model.encoder, setup.model.decoder),
             "backbone": asdict(setup.backbone), "dataset": setup.dataset.name, "split": split,
-            "frames": digest(names), "window": list(setup.window), "method": method.name,
-            "settings": method.settings(), "config": asdict(config)}
+            "frames": digest(names), "window": list(setup.window), "method": method.identity(),
+            "config": asdict(config)}
 
 
 def items_per_epoch(n_frames: int, config: FinetuneConfig) -> int:
@@ -161,6 +164,9 @@ def finetune(setup: Setup, config: FinetuneConfig, out: str | Path, *, split: st
     ``overwrite``. The start model is ``setup.model`` as loaded (its decoder trained).
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a folder (the output is a folder for "
+                                 f"checkpoint.pth and variant.yml)")
     model = setup.model
     config.check_depth(model.encoder.depth, setup.backbone.name)
     data = open_split(setup, split, dataset, root, limit)
@@ -250,5 +256,4 @@ def _step_function(setup: Setup, config: FinetuneConfig, data, split: str, devic
         return loss(logits, labels)
 
     # the first extraction's time (index.json), also when this call found the cache complete
-    index = json.loads((cached.path / "index.json").read_text())
-    return step, len(cached.items), float(index.get("extract_seconds", cached.extract_seconds))
+    return step, len(cached.items), float(cached.index["extract_seconds"])

@@ -3,7 +3,7 @@
 :func:`train_head` decodes the cached final token states (:mod:`algm.training.features`)
 with :meth:`algm.model.segmenter.Segmenter.decode`, exactly as ``Segmenter.run`` does at
 test time: decoder on the patch tokens, the method's ``restore`` (on the cached state,
-``aux`` included, so custom restores such as pruning's exit predictions work), bilinear
+``aux`` included, so custom restores such as early-exit predictions work), bilinear
 upsampling to the window; cross-entropy against the window's label with the dataset's
 ignore index. The loop is :func:`algm.training.loop.fit`: AdamW, linear warm-up then
 cosine (or poly) decay per step, seeded initialisation and per-epoch shuffling, a
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +29,9 @@ from torch import Tensor, nn
 
 from algm import atomic
 from algm.build import Setup
+from algm.cache import move_aside
+from algm.files import read_text
+from algm.safe_yaml import brief, clip
 from algm.data.datasets import build_dataset
 from algm.evaluate import evaluate
 from algm.model.decoder import LinearDecoder, MaskTransformer
@@ -36,7 +40,7 @@ from algm.precision import autocast_context, native_bf16
 from algm.training.features import collate, extract_features, feature_identity, frame_names, open_split
 from algm.training.keys import cache_folder, cache_label, digest
 from algm.training.loop import Schedule, StepResult, fit
-from algm.weights.checkpoint import strict_load
+from algm.weights.checkpoint import check_fits, strict_load
 from algm.weights.torch_file import check_state_dict, load_torch_file
 
 HEAD_FORMAT = "algm-bench/head/v1"
@@ -87,6 +91,13 @@ class TrainConfig:
     precision: str = "auto"
 
     def __post_init__(self):
+        for name in ("lr", "weight_decay", "warmup", "scale_lr_mult"):  # NaN or inf trains a NaN head
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name.replace('_', ' ')} must be a finite number, got {value}")
+        if self.weight_decay < 0 or self.scale_lr_mult <= 0:
+            raise ValueError(f"weight decay must be >= 0 and the scale lr multiplier > 0, got "
+                             f"{self.weight_decay} and {self.scale_lr_mult}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -183,10 +194,21 @@ def head_dir(setup: Setup, split: str = "train", config: TrainConfig = TrainConf
 
 def trained_head_path(setup: Setup, split: str = "train", config: TrainConfig = TrainConfig(), **kwargs) -> Path | None:
     """``head.pt`` of this config if it was trained already, else None (nothing is run).
+    A cached head that does not load (:func:`read_head`) is moved aside and None returned.
 
     kwargs: ``dataset``, ``root``, ``limit``, ``cache`` as for :func:`train_head`."""
     path = head_dir(setup, split, config, **kwargs) / "head.pt"
-    return path if path.is_file() else None
+    return path if path.is_file() and _usable(setup, path) else None
+
+
+def _usable(setup: Setup, path: Path) -> bool:
+    """True if the cached head ``path`` loads into ``setup``; else it is moved aside."""
+    try:
+        read_head(setup, path)
+        return True
+    except ValueError as err:
+        move_aside(path, clip(err))
+        return False
 
 
 def load_head(setup: Setup, path: str | Path) -> dict:
@@ -194,6 +216,14 @@ def load_head(setup: Setup, path: str | Path) -> dict:
 
     Fails (ValueError, one line naming the file) if it is not a readable head, holds
     another kind of decoder, width or class count, or a tensor with NaN/inf."""
+    meta, state = read_head(setup, path)
+    strict_load(setup.model.decoder, state, f"head {path}")
+    return meta
+
+
+def read_head(setup: Setup, path: str | Path) -> tuple[dict, dict]:
+    """(metadata, state dict) of a ``head.pt`` checked against ``setup``'s decoder
+    (kind, width, class count, every tensor's name and shape, finite values)."""
     path = Path(path)
     blob = load_torch_file(path, what="head")
     if not isinstance(blob, dict) or blob.get("format") != HEAD_FORMAT or "state_dict" not in blob:
@@ -207,8 +237,8 @@ def load_head(setup: Setup, path: str | Path) -> dict:
     if theirs != want:
         raise ValueError(f"{path} holds a decoder that does not fit this model: {_spec_difference(theirs, want)}")
     state = check_state_dict(blob["state_dict"], path)
-    strict_load(setup.model.decoder, state, f"head {path}")
-    return meta
+    check_fits(setup.model.decoder, state, f"head {path}")
+    return meta, state
 
 
 def _spec_difference(theirs, want: dict) -> str:
@@ -281,7 +311,7 @@ def train_head(setup: Setup, split: str = "train", epochs: int | None = None, *,
     if restart:
         for f in (head_file, checkpoint, *folder.glob("eval-*.json")):
             f.unlink(missing_ok=True)
-    if not head_file.is_file():
+    if not (head_file.is_file() and _usable(setup, head_file)):  # a damaged head is moved aside, trained again
         feats = extract_features(setup, split, flip=config.flip, dataset=data, cache=cache, progress=progress)
         decoder = fresh_decoder(setup, config.seed)
         history = _fit_decoder(setup, decoder, feats.items, config, checkpoint, folder.name, progress, on_epoch)
@@ -313,8 +343,9 @@ def evaluate_head(setup: Setup, split: str = "val", *, root: str | Path | None =
     out = None
     if folder is not None:
         out = Path(folder) / (f"eval-{split}" + (f"-n{limit}" if limit else "") + ".json")
-        if out.is_file():
-            return json.loads(out.read_text())
+        cached = _cached_eval(out, split)
+        if cached is not None:
+            return cached
     data = build_dataset(setup.dataset.name, split, root=root, limit=limit)
     start = time.perf_counter()
     result = evaluate(setup.model, data, setup.window, progress=progress)
@@ -322,3 +353,26 @@ def evaluate_head(setup: Setup, split: str = "val", *, root: str | Path | None =
     if out is not None:
         atomic.write_json(out, row)
     return row
+
+
+def _cached_eval(path: Path, split: str) -> dict | None:
+    """The evaluation cached in ``path``, or None: missing, or damaged (not JSON, another
+    split, mIoU / accuracy not within 0-1, no image count), then moved aside."""
+    if not path.exists():
+        return None
+    try:
+        row = json.loads(read_text(path, "cached evaluation"))
+        if not isinstance(row, dict) or row.get("split") != split:
+            raise ValueError(f"not an evaluation of the {split} split")
+        for name in ("miou", "acc"):
+            value = row.get(name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"{name} is {brief(value)}, not a number within 0-1")
+        if isinstance(row.get("n_images"), bool) or not isinstance(row.get("n_images"), int) or row["n_images"] < 1:
+            raise ValueError(f"n_images is {brief(row.get('n_images'))}")
+        if not isinstance(row.get("per_class_iou"), dict):
+            raise ValueError("no per-class IoU")
+        return row
+    except ValueError as err:  # JSONDecodeError is a ValueError
+        move_aside(path, clip(err))
+        return None

@@ -1,7 +1,7 @@
 """The one training loop: seeded shuffle, optimiser, schedule, resume, atomic checkpoint.
 
-It serves every part the suite trains (decoder heads, pruning exit heads, the CTS
-policy). The caller owns the model and the data; :func:`fit` owns the loop:
+It serves every part the suite trains (decoder heads, fine-tuning, a method's trained
+parts). The caller owns the model and the data; :func:`fit` owns the loop:
 
 * epoch ``e`` visits the items in ``torch.randperm(n_items)`` order drawn from a
   generator seeded with ``seed * 1_000_003 + e`` (:func:`epoch_generator`); a step may

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from algm import atomic
 from algm.config import HALF, IMAGENET_MEAN, IMAGENET_STD, DecoderConfig, ViTConfig
 from algm.model.segmenter import Segmenter, build_segmenter
-from algm.weights.torch_file import check_state_dict, first_line, load_torch_file
+from algm.safe_yaml import brief, clip, load_yaml
+from algm.weights.torch_file import check_state_dict, load_torch_file
 
 # Segmenter's normalisation table (segm/data/utils.py STATS), keyed by the prefix of
 # the backbone name or by an explicit ``normalization`` entry in variant.yml.
@@ -57,44 +58,22 @@ class VariantInfo:
     std: tuple[float, float, float]
 
 
-class _VariantLoader(yaml.SafeLoader):
-    """SafeLoader that also builds ``!!python/tuple`` (Segmenter writes image_size so)."""
-
-
-_VariantLoader.add_constructor(
-    "tag:yaml.org,2002:python/tuple",
-    lambda loader, node: tuple(loader.construct_sequence(node)),
-)
-
-
 def read_variant(path: str | Path) -> dict:
-    """Parse a Segmenter ``variant.yml`` safely (tuples allowed, no arbitrary objects).
+    """Parse a Segmenter ``variant.yml`` with :func:`algm.safe_yaml.load_yaml` (tuples
+    allowed, no aliases, no arbitrary objects).
 
     Raises FileNotFoundError for a missing file, ValueError (one line naming the file and
     the place) for one that is not YAML or not a mapping.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"variant file not found: expected {path} (Segmenter writes "
                                 f"variant.yml beside checkpoint.pth)")
-    try:
-        with path.open("rb") as f:  # bytes: yaml reports undecodable text as a YAMLError
-            variant = yaml.load(f, Loader=_VariantLoader)
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
+    variant = load_yaml(path, "variant file")
     if not isinstance(variant, Mapping):
         raise ValueError(f"{path}: expected a mapping of settings (net_kwargs, inference_kwargs, "
                          f"...), got {type(variant).__name__}")
     return variant
-
-
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """'<problem> (line L, column C)' of a YAML error, on one line."""
-    problem = getattr(err, "problem", None)
-    mark = getattr(err, "problem_mark", None)
-    if problem is None:
-        return first_line(err)
-    return problem + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else "")
 
 
 def _field(table: Mapping, key: str, where: str) -> Any:
@@ -108,12 +87,10 @@ def _pair(table: Mapping, key: str, where: str) -> tuple[int, int]:
     """An integer N (a square N x N) or a pair [h, w] of integers."""
     value = _field(table, key, where)
     pair = [value, value] if not isinstance(value, (list, tuple)) else list(value)
-    try:
-        if len(pair) != 2:
-            raise TypeError
-        return (int(pair[0]), int(pair[1]))
-    except (TypeError, ValueError):
-        raise ValueError(f"{_dotted(where, key)} must be an integer or [h, w], got {value!r}") from None
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in pair):
+        raise ValueError(f"{_dotted(where, key)} must be a whole number >= 1 or [h, w] of them, "
+                         f"got {brief(value)}")
+    return (pair[0], pair[1])
 
 
 def _dotted(where: str, key: str) -> str:
@@ -132,7 +109,7 @@ def _int(table: Mapping, key: str, where: str) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{_dotted(where, key)} must be an integer, got {value!r}") from None
+        raise ValueError(f"{_dotted(where, key)} must be an integer, got {brief(value)}") from None
 
 
 def configs_from_variant(variant: Mapping, source: str | Path = "variant.yml"
@@ -146,7 +123,7 @@ def configs_from_variant(variant: Mapping, source: str | Path = "variant.yml"
     try:
         return _configs(variant)
     except ValueError as err:
-        raise ValueError(f"{source}: {err}") from None
+        raise ValueError(f"{source}: {clip(err)}") from None
 
 
 def _configs(variant: Mapping) -> tuple[ViTConfig, DecoderConfig, VariantInfo]:
@@ -154,7 +131,7 @@ def _configs(variant: Mapping) -> tuple[ViTConfig, DecoderConfig, VariantInfo]:
     inference = _section(variant, "inference_kwargs", "")
     backbone = str(_field(net, "backbone", "net_kwargs"))
     if net.get("distilled", False):
-        raise ValueError(f"backbone {backbone!r} is distilled (extra distillation token); "
+        raise ValueError(f"backbone {brief(backbone)} is distilled (extra distillation token); "
                          "only cls-token ViTs are supported")
     patch = _int(net, "patch_size", "net_kwargs")
     image_size = _field(net, "image_size", "net_kwargs")
@@ -162,17 +139,17 @@ def _configs(variant: Mapping) -> tuple[ViTConfig, DecoderConfig, VariantInfo]:
     if (not isinstance(image_size, (tuple, list)) or len(image_size) != 2
             or not all(isinstance(s, int) for s in image_size)
             or patch < 1 or image_size[0] % patch or image_size[1] % patch):
-        raise ValueError(f"net_kwargs.image_size {image_size!r} does not tile "
+        raise ValueError(f"net_kwargs.image_size {brief(image_size)} does not tile "
                          f"into {patch}-pixel patches")
     dataset_kwargs = variant.get("dataset_kwargs") or {}
     pos_interp = str(net.get("pos_interp", "bilinear"))
     if pos_interp not in ("bilinear", "bicubic"):
-        raise ValueError(f"net_kwargs.pos_interp must be bilinear or bicubic, got {pos_interp!r}")
+        raise ValueError(f"net_kwargs.pos_interp must be bilinear or bicubic, got {brief(pos_interp)}")
     norm_name = net.get("normalization") or (
         dataset_kwargs.get("normalization") if isinstance(dataset_kwargs, Mapping) else None
     ) or backbone.split("_")[0]
     if norm_name not in NORMALIZATION:
-        raise ValueError(f"unknown normalization {norm_name!r} for backbone {backbone!r}; "
+        raise ValueError(f"unknown normalization {brief(norm_name)} for backbone {brief(backbone)}; "
                          f"known: {', '.join(NORMALIZATION)}")
     mean, std = NORMALIZATION[norm_name]
     encoder = ViTConfig(
@@ -191,7 +168,7 @@ def _configs(variant: Mapping) -> tuple[ViTConfig, DecoderConfig, VariantInfo]:
     dec = _section(net, "decoder", "net_kwargs")
     dec_name = str(_field(dec, "name", "net_kwargs.decoder"))
     if dec_name not in DECODERS:
-        raise ValueError(f"unknown decoder {dec_name!r}; known: {', '.join(DECODERS)}")
+        raise ValueError(f"unknown decoder {brief(dec_name)}; known: {', '.join(DECODERS)}")
     decoder = DecoderConfig(DECODERS[dec_name], _int(dec, "n_layers", "net_kwargs.decoder")
                             if "n_layers" in dec else 2)
     info = VariantInfo(
@@ -207,8 +184,14 @@ def _configs(variant: Mapping) -> tuple[ViTConfig, DecoderConfig, VariantInfo]:
 
 
 def strict_load(module: nn.Module, state: Mapping[str, Tensor], what: str) -> None:
-    """``module.load_state_dict(state, strict=True)``, failing first with a ValueError that
-    lists every missing, unexpected and mis-shaped key (``what`` names the source)."""
+    """``module.load_state_dict(state, strict=True)``, failing first (:func:`check_fits`)."""
+    check_fits(module, state, what)
+    module.load_state_dict(state, strict=True)
+
+
+def check_fits(module: nn.Module, state: Mapping[str, Tensor], what: str) -> None:
+    """A ValueError listing every missing, unexpected and mis-shaped key of ``state`` for
+    ``module`` (``what`` names the source); nothing is loaded."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -220,8 +203,7 @@ def strict_load(module: nn.Module, state: Mapping[str, Tensor], what: str) -> No
                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
                 if keys]
     if problems:
-        raise ValueError(f"{what} does not match the model; " + "; ".join(problems))
-    module.load_state_dict(state, strict=True)
+        raise ValueError(f"{what} does not match the model; " + clip("; ".join(problems)))
 
 
 def load_checkpoint(path: str | Path, variant_path: str | Path | None = None,

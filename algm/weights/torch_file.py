@@ -19,8 +19,12 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-# torch's weights_only unpickler names the class or function it refused so.
+from algm.files import regular_file
+
+# torch's weights_only unpickler names the class or function it refused so (a function of
+# a module it blocks, such as os.system, the second way).
 _REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
+_BLOCKED_GLOBAL = re.compile(r"unsupported GLOBAL (\S+) whose module \S+ is blocked")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -39,20 +43,14 @@ def load_torch_file(path: str | Path, *, trusted: bool = False, what: str = "che
     one that is truncated, damaged, of another format, or needs ``trusted``. ``what``
     names the kind of file in the not-found message.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+    path = regular_file(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        refused = _REFUSED_GLOBAL.search(str(err))
-        if not trusted and refused is None:  # nothing the safe loader refused: the file is bad
+        if _refused_global(str(err)) is None:  # nothing the safe loader refused: the file is bad
             raise _unreadable(path, err) from None
         if not trusted:
-            raise ValueError(
-                f"{path}: holds Python objects that a safe load refuses ({refused[1]}); if you "
-                f"trust this file, pass --trusted (trusted=True in Python), which unpickles it "
-                f"and can run arbitrary code") from None
+            raise _refused(path, str(err)) from None
     except OSError:
         raise  # permission denied and the like: the OS's message names the file
     except Exception as err:  # torch.load fails on junk with any type of error
@@ -61,8 +59,23 @@ def load_torch_file(path: str | Path, *, trusted: bool = False, what: str = "che
         return torch.load(path, map_location="cpu", weights_only=False)
     except OSError:
         raise
-    except Exception as err:
-        raise _unreadable(path, err) from None
+    except Exception as err:  # e.g. a class that does not exist here: the file may be fine
+        raise ValueError(f"{path}: cannot be unpickled even with --trusted: {first_line(err)}") from None
+
+
+def _refused(path: Path, message: str) -> ValueError:
+    """The one-line error for a file the safe load refused, naming what it refused
+    (torch's own text advises ``weights_only=False``, which is not ours to repeat)."""
+    runs = ", a function that runs when the file is loaded" if _BLOCKED_GLOBAL.search(message) else ""
+    return ValueError(f"{path}: holds Python objects that a safe load refuses ({_refused_global(message)}{runs}); if you "
+                      f"trust this file, pass --trusted (trusted=True in Python), which unpickles it "
+                      f"and can run arbitrary code")
+
+
+def _refused_global(message: str) -> str | None:
+    """The class or function torch's safe load names in ``message`` as refused, if any."""
+    named = _REFUSED_GLOBAL.search(message) or _BLOCKED_GLOBAL.search(message)
+    return named[1] if named else None
 
 
 def _unreadable(path: Path, err: BaseException) -> ValueError:
