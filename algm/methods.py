@@ -160,16 +160,18 @@ def _method_name(text: str) -> str:
 
 
 def chosen_method(argv: list[str]) -> str | None:
-    """The value of ``--method`` in a command line (``--method M`` or ``--method=M``),
-    read before parsing so that the parser can hold that method's options only."""
+    """The value of ``--method`` in a command line (``--method M`` or ``--method=M``; the
+    last one, as argparse keeps it), read before parsing so that the parser holds that
+    method's options only."""
+    chosen = None
     for i, arg in enumerate(argv):
         if arg == "--":
             break
         if arg == "--method" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--method="):
-            return arg.split("=", 1)[1]
-    return None
+            chosen = argv[i + 1]
+        elif arg.startswith("--method="):
+            chosen = arg.split("=", 1)[1]
+    return chosen
 
 
 def option_owners(flag: str) -> list[str]:
