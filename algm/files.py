@@ -8,6 +8,7 @@ instead of hanging, exhausting memory or printing a traceback.
 
 from __future__ import annotations
 
+import hashlib
 import stat
 from pathlib import Path
 
@@ -53,3 +54,12 @@ def read_text(path: str | Path, what: str = "file", limit: int = TEXT_LIMIT) -> 
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
                          f"is this {what} a binary file?") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

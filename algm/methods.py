@@ -93,12 +93,19 @@ def methods() -> dict[str, type[TokenReduction]]:
     return dict(_REGISTRY)
 
 
+def broken_methods() -> dict[str, str]:
+    """``{name: one line}`` of the plugin methods whose module failed to import."""
+    _discover()
+    return {name: f"method {name!r} is unavailable: {why}" for name, why in _BROKEN.items()}
+
+
 def method_class(name: str) -> type[TokenReduction]:
     registry = methods()
     if name in registry:
         return registry[name]
-    if name in _BROKEN:
-        raise ValueError(f"method {name!r} is unavailable: {_BROKEN[name]}")
+    broken = broken_methods()
+    if name in broken:
+        raise ValueError(broken[name])
     raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(registry)}")
 
 

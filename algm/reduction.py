@@ -35,13 +35,14 @@ the shared token kernels (:mod:`algm.merging`); nothing else of the framework.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+
+from algm.files import file_sha256
 
 
 @dataclass(frozen=True)
@@ -130,15 +131,6 @@ class AttentionView:
             bias = self.bias if self.bias.shape[-2] == 1 else self.bias[..., :1, :]
             logits = logits + bias
         return logits.softmax(-1)[:, :, 0]
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def gather_tokens(token_out: Tensor, source: Tensor) -> Tensor:
@@ -244,7 +236,7 @@ class TokenReduction(nn.Module):
     def identity(self) -> dict:
         """What a result of this method depends on: name, resolved settings and the
         sha256 of every trained part's file (retraining into the same path changes it)."""
-        parts = {name: file_digest(path) for name, path in sorted(self.trained_parts().items())}
+        parts = {name: file_sha256(path) for name, path in sorted(self.trained_parts().items())}
         return {"method": self.name, "settings": self.settings(), "trained": parts}
 
     def label_settings(self) -> dict:

@@ -53,7 +53,7 @@ from torch import Tensor
 
 from algm.config import DatasetSpec, ViTConfig
 from algm.merging.bipartite import top_r_mask
-from algm.merging.index_map import compose_source, keep_mask, merge_by_index
+from algm.merging.index_map import compose_source, merge_by_index, ragged
 from algm.methods import option, register_method
 from algm.reduction import EncoderContext, TokenReduction, TokenState
 
@@ -197,8 +197,7 @@ def mutual_pair_merge(state: TokenState, per_image: bool = True) -> TokenState:
         leads = batch_min_leads(leads, best)
     pairs = leads.sum(1)
     new_lengths = state.alive() - pairs
-    # the step's one host sync: merge at all?, output length, padded?
-    most, shortest, longest = torch.stack([pairs.max(), new_lengths.min(), new_lengths.max()]).tolist()
+    longest, keep, most = ragged(new_lengths, pairs.max())  # the step's one host sync
     if most == 0:
         return state
     real = torch.ones_like(leads) if real_keep is None else real_keep
@@ -207,7 +206,7 @@ def mutual_pair_merge(state: TokenState, per_image: bool = True) -> TokenState:
     x, _ = merge_by_index(state.x, torch.ones_like(state.size), dest, longest)
     size = state.size.new_zeros(state.size.shape[0], longest + 1).scatter_add_(1, dest, state.size)
     return state.replace(x=x, size=size[:, :longest], source=compose_source(state.source, dest, p),
-                         keep=keep_mask(new_lengths, longest, shortest < longest))
+                         keep=keep)
 
 
 # ------------------------------------------------------------------ the method

@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from algm.config import DatasetSpec, ViTConfig
-from algm.merging.index_map import apply_token_map, keep_mask
+from algm.merging.index_map import apply_token_map, ragged
 from algm.merging.local import local_merge
 from algm.methods import option, register_method
 from algm.reduction import AttentionView, TokenReduction, TokenState, padding_bias
@@ -411,8 +411,7 @@ class PiToMe(TokenReduction):
             if self.batch_policy == "batch_min":
                 r = r.min().expand_as(r)
             dest, new_lengths = protected_plan(log_e, sim, r, lengths, p)
-            # the step's one host sync: merge at all?, output size, padded?
-            most, shortest, longest = torch.stack([r.max(), new_lengths.min(), new_lengths.max()]).tolist()
+            longest, new_keep, most = ragged(new_lengths, r.max())  # the step's one host sync
         if most <= 0:
             return state
-        return apply_token_map(state, dest, longest, keep_mask(new_lengths, longest, shortest < longest))
+        return apply_token_map(state, dest, longest, new_keep)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from algm.build import Setup, make_setup
 from algm.measure.throughput import cuda_settings, measure_interleaved, measure_throughput
-from algm.methods import ENTRY_POINT_GROUP, build_method, method_class, methods
+from algm.methods import build_method, method_class, methods
 from algm.model.segmenter import Segmenter
 from algm.precision import autocast_context
 from algm.reduction import NoReduction
@@ -70,22 +70,6 @@ def build_registered(backbone: str, dataset: str, window: tuple[int, int] | None
                 continue
         setups[name] = replace(base, model=base.model.with_method(method))
     return setups, skipped
-
-
-def unimportable() -> dict[str, str]:
-    """``{entry-point name: reason}`` of the method plugins that did not register (their
-    module failed to import): the registry keeps the reason, :func:`method_class` says it."""
-    from importlib.metadata import entry_points
-
-    registry = methods()
-    reasons = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name not in registry:
-            try:
-                method_class(ep.name)
-            except ValueError as err:
-                reasons[ep.name] = str(err)
-    return reasons
 
 
 def exact_baseline(model: Segmenter) -> bool:

@@ -56,10 +56,10 @@ from algm.data.windows import split_windows
 from algm.measure.attainable import ZeroCostReduction, matched_tokens
 from algm.measure.flops import count_flops
 from algm.measure.throughput import measure_interleaved
-from algm.methods import methods
+from algm.methods import broken_methods, methods
 from algm.precision import autocast_context
 from suites.cuda_checks import (DEFAULT_REFERENCE, CheckOptions, build_registered, exact_baseline, one_line,
-                                planned_checks, run_checks, unimportable)
+                                planned_checks, run_checks)
 from suites.machine import machine_record
 
 REPO = Path(__file__).resolve().parents[1]
@@ -549,7 +549,7 @@ def run(budget: Budget, device: torch.device, out: Path | None, data_root: str |
     flops_files, ade20k, ade20k_ok = run_ade20k(budget, deadline)
     print(f"gpu-check: checks and ADE20K GFLOPs done in {time.perf_counter() - started:.0f} s", flush=True)
     rows = time_all(lineups, budget, device, deadline)
-    skipped = unimportable() | {name: why for lineup in lineups.values() for name, why in lineup.skipped.items()}
+    skipped = broken_methods() | {name: why for lineup in lineups.values() for name, why in lineup.skipped.items()}
     skipped |= {name: f"not in budget {budget.name} (first {budget.max_methods} registered methods)"
                 for name in methods() if name not in names}
     machine = machine_record(str(device))

@@ -86,10 +86,10 @@ def baseline_for(suite: Suite, plan_row: Row, setup: Setup) -> Setup:
 
 
 def measure_row(suite: Suite, plan_row: Row, opts: RunOptions) -> dict:
+    """One row's numbers. The method's trained parts are there already: the row's key
+    (:func:`suites.runner.method_identity`) trained the missing ones."""
     backbone, setting = plan_row.backbone, plan_row.setting
     pretrained = get_backbone(backbone).weights is not None
-    if pretrained and has_data(suite, opts):
-        train_missing_parts(suite, backbone, setting, opts)
     setup = setup_for(suite, backbone, setting, pretrained, plan_row.checkpoint)
     distributed.broadcast_module(setup.model)  # random weights differ per process: use rank 0's
     setup.model.eval()

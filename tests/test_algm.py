@@ -13,6 +13,7 @@ from algm.measure.flops import average_flops, count_flops
 from algm.methods import build_method
 from algm.model.segmenter import build_segmenter
 from algm.reduction import NoReduction, TokenState
+from tiny_inputs import textured_images
 
 TINY = ViTConfig("tiny", 64, 6, 2, 16, pos_grid=(4, 4))
 LAYERS = (1, 3)
@@ -24,20 +25,7 @@ def model():
     return build_segmenter(TINY, 5, DecoderConfig("mask"), NoReduction()).eval()
 
 
-def images(kind: str = "mixed", hw=(64, 96)) -> torch.Tensor:
-    """Inputs whose window similarities differ (flat regions merge, noise does not)."""
-    g = torch.Generator().manual_seed(1)
-    h, w = hw
-    flat = torch.zeros(1, 3, h, w)
-    flat[..., : h // 2, :] = 0.8
-    flat[..., h // 2:, : w // 2] = -0.5
-    flat = flat + 0.02 * torch.randn(flat.shape, generator=g)
-    noise = torch.randn(1, 3, h, w, generator=g)
-    half = flat.clone()
-    half[..., :, w // 2:] = torch.randn(1, 3, h, w - w // 2, generator=g)
-    if kind == "same":
-        return flat.repeat(3, 1, 1, 1)
-    return torch.cat([flat, noise, half])
+images = textured_images
 
 
 def algm(model, **kw):

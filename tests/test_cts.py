@@ -13,19 +13,14 @@ from algm.reduction import TokenState, TrainingContext
 from baselines.cts import CTS, default_k_ratio
 from baselines.cts_policy import PolicyNet, majority_fraction, policy_path, variance_scores
 from baselines.cts_train import prepare_windows, superpatch_targets, train_policy
+from tiny_inputs import noise_images
 
 CAMVID = get_dataset("camvid")
 P = 16
 GRID = (4, 6)  # 64 x 96 input: 2 x 3 = 6 superpatches, 24 patches
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster and immune to a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -43,8 +38,7 @@ def tiny(method=None, decoder="mask"):
     return build_segmenter(cfg(), 5, DecoderConfig(decoder), method).eval()
 
 
-def images(b=2, h=64, w=96, seed=1):
-    return torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
+images = noise_images
 
 
 def cts(**opts):

@@ -15,18 +15,13 @@ from algm.methods import build_method
 from algm.model.segmenter import build_segmenter
 from algm.reduction import AttentionView, NoReduction, TokenState, padding_bias
 from baselines.evit import EViT, EViTAux, default_layers
+from tiny_inputs import noise_images
 
 CAMVID = get_dataset("camvid")
 TINY = ViTConfig("tiny", 64, 4, 2, 16, pos_grid=(4, 4))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster and immune to a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +30,7 @@ def model():
     return build_segmenter(TINY, 5, DecoderConfig("mask"), NoReduction()).eval()
 
 
-def images(b=2, h=64, w=96, seed=1):
-    return torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
+images = noise_images
 
 
 def evit(model, **kw):

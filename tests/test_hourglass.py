@@ -13,18 +13,13 @@ from algm.methods import build_method
 from algm.model.segmenter import build_segmenter
 from baselines.hourglass import (Clustered, cluster_grid, nearest_centres, parse_clusters,
                                  reconstruct, soft_kmeans, window_index)
+from tiny_inputs import noise_images
 
 CAMVID = get_dataset("camvid")
 CFG = ViTConfig("tiny", 64, 4, 2, 16, pos_grid=(4, 6))  # 64 x 96 images: a 4 x 6 grid
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster and immune to a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(method=None, decoder="mask"):
@@ -32,8 +27,7 @@ def tiny(method=None, decoder="mask"):
     return build_segmenter(CFG, 5, DecoderConfig(decoder), method).eval()
 
 
-def images(b=2, h=64, w=96, seed=1):
-    return torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
+images = noise_images
 
 
 def hourglass(**opts):

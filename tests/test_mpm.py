@@ -16,18 +16,13 @@ from algm.methods import add_method_options, build_method, method_options
 from algm.model.segmenter import build_segmenter
 from algm.reduction import NoReduction, TokenState
 from baselines.mpm import MPM, default_steps, mutual_pair_merge
+from tiny_inputs import textured_images
 
 CAMVID = get_dataset("camvid")
 TINY = ViTConfig("tiny", 64, 4, 2, 16, pos_grid=(4, 4))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster and immune to a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -36,20 +31,7 @@ def model():
     return build_segmenter(TINY, 5, DecoderConfig("mask"), NoReduction()).eval()
 
 
-def images(kind: str = "mixed", hw=(64, 96)) -> torch.Tensor:
-    """A flat image (many similar tokens), a noise image and one half flat half noise."""
-    g = torch.Generator().manual_seed(1)
-    h, w = hw
-    flat = torch.zeros(1, 3, h, w)
-    flat[..., : h // 2, :] = 0.8
-    flat[..., h // 2:, : w // 2] = -0.5
-    flat = flat + 0.02 * torch.randn(flat.shape, generator=g)
-    noise = torch.randn(1, 3, h, w, generator=g)
-    half = flat.clone()
-    half[..., :, w // 2:] = torch.randn(1, 3, h, w - w // 2, generator=g)
-    if kind == "same":
-        return flat.repeat(3, 1, 1, 1)
-    return torch.cat([flat, noise, half])
+images = textured_images
 
 
 def mpm(model, **kw):

@@ -16,18 +16,13 @@ from algm.model.segmenter import build_segmenter
 from algm.reduction import AttentionView, NoReduction, TokenState
 from baselines.pitome import (PiToMe, cosine_similarity, elu_energy, gaussian_log_energy,
                               gaussian_log_threshold, layer_margin, merge_count, protected_plan)
+from tiny_inputs import textured_images
 
 CAMVID = get_dataset("camvid")
 TINY = ViTConfig("tiny", 64, 4, 2, 16, pos_grid=(4, 4))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster and immune to a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +31,7 @@ def model():
     return build_segmenter(TINY, 5, DecoderConfig("mask"), NoReduction()).eval()
 
 
-def images(hw=(64, 96)) -> torch.Tensor:
-    """A flat image (many similar tokens), a noise image and one half flat half noise."""
-    g = torch.Generator().manual_seed(1)
-    h, w = hw
-    flat = torch.zeros(1, 3, h, w)
-    flat[..., : h // 2, :] = 0.8
-    flat[..., h // 2:, : w // 2] = -0.5
-    flat = flat + 0.02 * torch.randn(flat.shape, generator=g)
-    noise = torch.randn(1, 3, h, w, generator=g)
-    half = flat.clone()
-    half[..., :, w // 2:] = torch.randn(1, 3, h, w - w // 2, generator=g)
-    return torch.cat([flat, noise, half])
+images = textured_images
 
 
 def pitome(model, **kw):
@@ -355,7 +339,7 @@ def test_zero_reduction_equals_none_bit_for_bit(model, opts):
 @pytest.mark.parametrize("hw", [(64, 96), (80, 48)])
 def test_per_image_batch_equals_each_image_alone(model, hw):
     m = pitome(model, variant="algm", layers="1,3", tau=0.9, margin=0.2, batch_policy="per_image")
-    x = images(hw)
+    x = images(hw=hw)
     batch = run(m, x)
     assert len(set(batch.tokens[:, -1].tolist())) > 1  # the images did differ
     for i in range(x.shape[0]):

@@ -55,14 +55,7 @@ net_kwargs:
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread (two OpenMP threads spin-wait on a shared 2-core
-    machine and make these tests many times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(method=None, depth: int = 3):

@@ -10,17 +10,12 @@ from algm.methods import build_method
 from algm.model.segmenter import build_segmenter
 from algm.reduction import TokenState
 from baselines.tome import ToMe, bipartite_soft_matching, merge_state, parse_r
+from tiny_inputs import noise_images
 
 CAMVID = get_dataset("camvid")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster and immune to a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(method=None, depth=4, decoder="mask"):
@@ -29,8 +24,7 @@ def tiny(method=None, depth=4, decoder="mask"):
     return build_segmenter(cfg, 5, DecoderConfig(decoder), method).eval(), cfg
 
 
-def images(b=2, h=64, w=96, seed=1):
-    return torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
+images = noise_images
 
 
 def final_state(model, x):

