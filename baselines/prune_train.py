@@ -235,8 +235,8 @@ def train_aux_heads(heads: nn.ModuleList, backbone: str, dataset: str, layers: S
     start_time = time.perf_counter()
     cfg, spec = get_backbone(backbone), get_dataset(dataset)
     window = tuple(window) if window is not None else spec.window(cfg.patch_size)
+    data = build_dataset(dataset, split, root=data_root, limit=limit)  # a missing root fails before any model
     encoder = frozen_encoder(cfg.name, window)
-    data = build_dataset(dataset, split, root=data_root, limit=limit)
     fdir = features_dir(cfg.name, spec.name, split, layers, window, limit)
     features, labels = extract_features(encoder, data, layers, window, spec.n_cls,
                                         spec.ignore_index, fdir, progress=progress)
