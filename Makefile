@@ -5,11 +5,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DATASET ?= camvid
+# Datasets as $(ALGM_BENCH_DATA)/<dataset>: this repository's CamVid lives beside the checkout.
+export ALGM_BENCH_DATA ?= $(abspath ../shared/data)
 # official checkpoints as CHECKPOINTS/<dataset>/<backbone>/<method>/checkpoint.pth (README)
 CHECKPOINTS ?=
 BENCH_ARGS ?=
 MAX_SLOWDOWN ?= 25%
-BENCHMARKS := results/benchmarks
 # make gpu-check: the device, the budget (full: one GPU, < 8 min; tiny: CPU, seconds) and
 # the output folder (default results/gpu-<gpu name>); CamVid from DATA_ROOT if set.
 DEVICE ?= cuda
@@ -26,9 +27,10 @@ help:
 	@echo "make bench          run the benchmark suite (DATASET=camvid|ade20k|cityscapes|pascal|cocostuff,"
 	@echo "                    DATA_ROOT=dir, CHECKPOINTS=dir of official checkpoints;"
 	@echo "                    DATASET=camvid-finetune: fine-tuned with the method, about 35 min on 2 cores)"
+	@echo "                    -> results/local/<DATASET>; UPDATE_REFERENCE=1 rewrites the committed results/<DATASET>"
 	@echo "make test           run the test suite"
-	@echo "make bench-regress  pytest-benchmark run of tests/bench, compared with the last saved"
-	@echo "                    run in $(BENCHMARKS); fails on a median slowdown > MAX_SLOWDOWN"
+	@echo "make bench-regress  pytest-benchmark run of tests/bench: the first run on a machine is its"
+	@echo "                    baseline (in the cache), later ones fail on a median slowdown > MAX_SLOWDOWN"
 	@echo "make gpu-check      CUDA tests + GPU throughput/GFLOPs into results/gpu-<gpu> (< 8 min;"
 	@echo "                    DEVICE=cuda|cpu BUDGET=full|tiny GPU_CHECK_OUT=dir; no GPU: says so, exit 0)"
 	@echo "make clean          remove build artefacts and caches of this checkout"
@@ -47,17 +49,25 @@ test: install
 	$(BIN)/pytest -q
 
 bench: install
-	$(BIN)/algm-bench bench --dataset $(DATASET) $(if $(CHECKPOINTS),--checkpoints $(CHECKPOINTS)) $(BENCH_ARGS)
+	$(BIN)/algm-bench bench --dataset $(DATASET) $(if $(CHECKPOINTS),--checkpoints $(CHECKPOINTS)) \
+		$(if $(UPDATE_REFERENCE),--update-reference,--out results/local/$(DATASET)) $(BENCH_ARGS)
 
 gpu-check: install
 	$(BIN)/python -m suites.gpu_check --device $(DEVICE) --budget $(BUDGET) \
 		$(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT)) $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
 
-# The first run only saves a baseline; later runs compare with the newest saved run.
+# Baselines per machine (CPU model, core count, torch version): the first run on a machine
+# is saved as its baseline under BENCH_STORE, later runs compare with it and save nothing
+# (delete the folder to take a new baseline). results/benchmarks keeps the committed runs as
+# a record only.
+BENCH_MACHINE = $(shell $(BIN)/python -c "import os, re, torch; from suites.machine import cpu_model; \
+	print(re.sub(r'[^A-Za-z0-9.]+', '-', f'{cpu_model()} {os.cpu_count()}cores torch{torch.__version__}').strip('-'))")
+BENCH_STORE ?= $(or $(ALGM_BENCH_CACHE),$(HOME)/.cache/algm-bench)/benchmarks/$(BENCH_MACHINE)
 bench-regress: install
-	$(BIN)/pytest tests/bench -q -o addopts="" --benchmark-only \
-		--benchmark-storage=$(BENCHMARKS) --benchmark-autosave \
-		$$(ls $(BENCHMARKS)/*/*.json >/dev/null 2>&1 && echo --benchmark-compare --benchmark-compare-fail=median:$(MAX_SLOWDOWN))
+	$(BIN)/pytest tests/bench -q -o addopts="" --benchmark-only --benchmark-storage="$(BENCH_STORE)" \
+		$$(ls "$(BENCH_STORE)"/*/*.json >/dev/null 2>&1 \
+		   && echo --benchmark-compare --benchmark-compare-fail=median:$(MAX_SLOWDOWN) \
+		   || echo --benchmark-save=baseline)
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .benchmarks

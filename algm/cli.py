@@ -2,20 +2,37 @@
 
 Every subcommand has ``--help``. Errors in user input (unknown names, bad sizes,
 missing data) print one line and exit with status 2; nothing is written.
+
+Parsing imports only the chosen command's module and, for ``--method M``, M's plugin:
+``--help`` and usage errors answer without torch (the commands import it when they run;
+``train-head`` and ``finetune`` still import it for their defaults).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
 
-from algm import distributed, shadowing
-from algm.methods import add_method_options, chosen_method, option_owners
-from algm.commands import bench, fetch, finetune, flops, predict, throughput, train, train_head
-from algm.commands import eval as eval_command  # (not the builtin)
+from algm import shadowing
+from algm.methods import (PLUGINS_ENV, add_method_options, add_plugin_files, chosen_method, option_owners,
+                          plugin_file, plugin_files)
 
-# Each module's register(sub) adds its subcommand(s) to the parser.
-COMMANDS = (flops, throughput, eval_command, bench, predict, train_head, train, finetune, fetch)
+# command -> (module under algm.commands whose register(sub) adds it, summary for --help)
+COMMANDS = {
+    "flops": ("flops", "count GFLOPs (fvcore, batch 1)"),
+    "throughput": ("throughput", "measure images/s"),
+    "compare": ("compare", "GFLOPs, interleaved speed-up and mIoU of several methods, one table"),
+    "eval": ("eval", "mIoU with sliding-window inference"),
+    "bench": ("bench", "run a benchmark suite and write CSV, tables and plots"),
+    "predict": ("predict", "prediction, overlay and token-map pictures of images"),
+    "compare-methods": ("predict", "none vs every method side by side on one image"),
+    "train-head": ("train_head", "train the decoder on the frozen encoder (cached features), report mIoU"),
+    "train": ("train", "train the parts a method needs besides the decoder (exit heads, a learned policy, ...)"),
+    "finetune": ("finetune", "fine-tune encoder + decoder with a method active (official-format checkpoint)"),
+    "fetch": ("fetch", "download the public Segmenter / ALGM checkpoints and the data set"),
+}
 
 
 class Parser(argparse.ArgumentParser):
@@ -35,21 +52,40 @@ def _method_hint(message: str) -> str:
     return f"; {'; '.join(hints)} (choose it with --method)" if hints else ""
 
 
+def _chosen_command(argv: list[str]) -> str | None:
+    """The subcommand of a command line: its first word (the top level has no option
+    that takes a value), if it is one."""
+    first = next((arg for arg in argv if not arg.startswith("-")), None)
+    return first if first in COMMANDS else None
+
+
 def build_parser(argv: list[str] = ()) -> argparse.ArgumentParser:
-    """The whole parser; every command that takes ``--method`` also gets the options of
-    the method ``argv`` chooses (and no other method's)."""
+    """The parser of the command ``argv`` names; a command that takes ``--method`` also
+    gets the options of the method ``argv`` chooses (and no other method's), after the
+    ``--plugin`` files ``argv`` names are registered. When ``argv`` names no command
+    (``--help``, a usage error) every command is listed by its summary, unimported."""
+    argv = list(argv)
     parser = Parser(
         prog="algm-bench",
         description="Benchmark token reduction methods in ViT segmenters: "
                     "GFLOPs, images/s and mIoU under one protocol.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in COMMANDS:
-        command.register(sub)
-    method = chosen_method(list(argv)) or "none"
+    chosen = _chosen_command(argv)
+    if chosen is None:
+        for name, (_, summary) in COMMANDS.items():
+            sub.add_parser(name, help=summary)
+        return parser
+    importlib.import_module(f"algm.commands.{COMMANDS[chosen][0]}").register(sub)
+    add_plugin_files(plugin_files(argv))
+    method = chosen_method(argv)
     for command_parser in sub.choices.values():
-        if command_parser.get_default("method") is not None:
-            add_method_options(command_parser, method)
+        command_parser.add_argument(
+            "--plugin", action="append", default=[], type=plugin_file, metavar="FILE.py",
+            help=f"register the token-reduction methods this Python file defines (repeatable; "
+                 f"also ${PLUGINS_ENV}, files separated by {os.pathsep!r})")
+        if method is not None and command_parser.get_default("method") is not None:
+            add_method_options(command_parser, method)  # (none, the default, has no options)
     return parser
 
 
@@ -61,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
+    from algm import distributed  # (imports torch)
+
     try:
         if getattr(args, "nproc", 1) > 1 and not distributed.launched():
             return distributed.launch(args.nproc, argv)  # re-runs these arguments under torchrun

@@ -7,8 +7,10 @@ list of valid ones.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,15 +46,21 @@ class ViTConfig:
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    """Mask-transformer ("mask") or per-token linear ("linear") decoder."""
+    """Mask-transformer ("mask") or per-token linear ("linear") decoder; ``norm_eps`` is
+    the mask transformer's LayerNorm eps (None: the encoder's, as Segmenter's own
+    checkpoints have it; mmseg's head uses 1e-5 beside a 1e-6 backbone)."""
 
     name: str = "mask"
     n_layers: int = 2
+    norm_eps: float | None = None
 
     def __post_init__(self):
         if self.name not in ("mask", "linear"):
             raise ValueError(f"unknown decoder {self.name!r}; choose 'mask' or 'linear'")
 
+
+DEFAULT_BACKBONE = "vit-s14"  # what the commands build without --backbone / --dataset
+DEFAULT_DATASET = "camvid"
 
 # Segmenter's own checkpoints use torch's LayerNorm default eps (1e-5).
 BACKBONES: dict[str, ViTConfig] = {
@@ -111,7 +119,14 @@ def _lookup(table: dict, name: str, what: str):
 
 
 def get_backbone(name: str) -> ViTConfig:
-    return _lookup(BACKBONES, name, "backbone")
+    """A suite backbone by name, or ``timm:<model>``: any timm plain ViT
+    (:mod:`algm.weights.timm`; timm is imported only for such names)."""
+    if name.startswith("timm:"):
+        return _timm_backbone(name)
+    try:
+        return _lookup(BACKBONES, name, "backbone")
+    except ValueError as err:
+        raise ValueError(f"{err}, or timm:<model> (a timm plain ViT)") from None
 
 
 def get_dataset(name: str) -> DatasetSpec:
@@ -163,3 +178,140 @@ def check_window(window: tuple[int, int], patch_size: int) -> tuple[int, int]:
     # one head's fp32 attention scores over the window's tokens: the least any ViT forward holds
     check_memory(4 * tokens ** 2, f"a {h}x{w} window ({tokens:,} tokens)")
     return (h // patch_size, w // patch_size)
+
+
+# ------------------------------------------------------------------ timm plain ViTs
+# ``timm:<model>`` backbones: the ViTConfig is read off timm's model built on the meta
+# device (timm and torch are imported only for such names); algm.weights.timm maps the weights.
+TIMM_PREFIX = "timm:"
+TIMM_SOURCE = "timm"  # ViTConfig.weights of a timm backbone whose pretrained file is cached
+
+
+def timm_name(backbone: str) -> str:
+    """``timm:vit_small_patch16_224`` -> ``vit_small_patch16_224``."""
+    return backbone[len(TIMM_PREFIX):]
+
+
+@functools.lru_cache(maxsize=32)
+def _timm_backbone(backbone: str) -> ViTConfig:
+    """The :class:`ViTConfig` of ``timm:<name>`` (the model is built on the meta device:
+    no weights are allocated or read). ``weights`` is ``"timm"`` when timm's pretrained file
+    for the name is in the local cache, else None (random, or a ``--weights`` file).
+
+    Raises ValueError (one line) for a name timm does not know or a model the hook-point
+    ViT cannot represent."""
+    name = timm_name(backbone)
+    model = timm_meta_model(name)
+    cfg = timm_vit_config(model, backbone)
+    return cfg if timm_cached_file(name) is None else replace(cfg, weights=TIMM_SOURCE)
+
+
+def timm_meta_model(name: str):
+    """timm's model ``name`` without classifier, on the meta device (no memory, no weights)."""
+    import timm
+    import torch
+
+    if not name or not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r}; list plain ViTs with "
+                         f"python -c \"import timm; print(timm.list_models('vit_*'))\"")
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, num_classes=0)
+
+
+def timm_vit_config(model, name: str) -> ViTConfig:
+    """The ViTConfig of a timm ``VisionTransformer`` named ``name`` (ValueError naming the
+    model and the first feature the hook-point encoder cannot represent)."""
+    from timm.layers import LayerScale, Mlp, PatchEmbed
+    from torch import nn
+    from timm.models.vision_transformer import Attention, Block, VisionTransformer
+
+    def refuse(feature: str) -> ValueError:
+        return ValueError(f"{name}: {feature} cannot be represented by the hook-point ViT "
+                          f"(pre-norm blocks, one cls token, learned position embedding)")
+
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"{name}: a {type(model).__name__}, not a plain ViT (timm VisionTransformer)")
+    if not model.has_class_token:
+        raise refuse("no cls token")
+    if model.num_reg_tokens:
+        raise refuse(f"{model.num_reg_tokens} register tokens")
+    if model.pos_embed is None:
+        raise refuse("no learned position embedding")
+    if getattr(model, "dynamic_img_pad", False):
+        raise refuse("dynamic image padding")
+    for part in ("norm_pre", "fc_norm"):
+        if not isinstance(getattr(model, part, nn.Identity()), nn.Identity):
+            raise refuse(f"{part} ({type(getattr(model, part)).__name__})")
+    if not isinstance(model.norm, nn.LayerNorm):
+        raise refuse(f"final norm {type(model.norm).__name__}")
+    embed = model.patch_embed
+    if type(embed) is not PatchEmbed or not isinstance(embed.norm, nn.Identity) or embed.proj.in_channels != 3:
+        raise refuse("a patch embedding other than one 3-channel conv")
+    ph, pw = embed.patch_size
+    if ph != pw:
+        raise refuse(f"non-square patches {ph}x{pw}")
+    dim = model.embed_dim
+    heads = model.blocks[0].attn.num_heads
+    hidden = model.blocks[0].mlp.fc1.out_features
+    eps = model.norm.eps
+    for i, blk in enumerate(model.blocks):
+        where = f"block {i}: "
+        if type(blk) is not Block or type(blk.attn) is not Attention or type(blk.mlp) is not Mlp:
+            raise refuse(where + f"{type(blk).__name__} / {type(blk.attn).__name__} / {type(blk.mlp).__name__}")
+        for part in ("q_norm", "k_norm", "norm"):
+            if not isinstance(getattr(blk.attn, part, nn.Identity()), nn.Identity):
+                raise refuse(where + f"attention {part}")
+        if not isinstance(blk.mlp.norm, nn.Identity):
+            raise refuse(where + "MLP norm")
+        act = blk.mlp.act
+        if type(act) is not nn.GELU or act.approximate != "none":
+            raise refuse(where + f"activation {act!r} (exact GELU only)")
+        norms = (blk.norm1, blk.norm2)
+        if not all(isinstance(n, nn.LayerNorm) and n.elementwise_affine and n.eps == eps for n in norms):
+            raise refuse(where + f"norms other than LayerNorm eps {eps}")
+        if blk.attn.num_heads != heads or blk.mlp.fc1.out_features != hidden:
+            raise refuse(where + "widths or heads that differ from block 0")
+        if any(not isinstance(ls, (nn.Identity, LayerScale)) for ls in (blk.ls1, blk.ls2)):
+            raise refuse(where + "a layer scale other than timm's LayerScale")
+    layer_scale = isinstance(model.blocks[0].ls1, LayerScale)
+    if any(isinstance(b.ls1, LayerScale) != layer_scale or isinstance(b.ls2, LayerScale) != layer_scale
+           for b in model.blocks):
+        raise refuse("layer scale in some blocks only")
+    if int(dim * (hidden / dim)) != hidden:
+        raise refuse(f"MLP width {hidden} not a whole multiple ratio of {dim}")
+    pcfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = tuple(float(v) for v in pcfg.get("mean", (0.5, 0.5, 0.5)))
+    std = tuple(float(v) for v in pcfg.get("std", (0.5, 0.5, 0.5)))
+    return ViTConfig(
+        name=name, embed_dim=dim, depth=len(model.blocks), num_heads=heads, patch_size=ph,
+        mlp_ratio=hidden / dim, layer_scale=layer_scale, norm_eps=eps,
+        pos_grid=tuple(embed.grid_size),
+        pos_interp="bicubic",  # timm's resample_abs_pos_embed default
+        mean=mean, std=std,
+    )
+
+
+def timm_cached_file(name: str) -> Path | None:
+    """timm's pretrained file for model ``name`` if it is in the local cache (the
+    Hugging Face hub cache, or torch hub's checkpoints folder), else None; nothing is
+    downloaded."""
+    import timm
+    import torch
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        for filename in (cfg.hf_hub_filename or "open_clip_pytorch_model.bin",
+                         "model.safetensors", "pytorch_model.bin"):
+            found = try_to_load_from_cache(repo, filename, revision=revision or None)
+            if isinstance(found, str):
+                return Path(found)
+    if cfg.url:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name
+        if path.is_file():
+            return path
+    return None

@@ -23,24 +23,42 @@ first and then that method's options only, so two methods may both have ``--laye
 
 Built-in methods and methods of other installed packages are found through the entry
 point group ``algm_bench.methods`` (each entry names a module that registers methods
-when imported); see this repository's ``pyproject.toml``. A module that fails to import
-breaks only its own methods: choosing one reports the failure in one line.
+when imported); see this repository's ``pyproject.toml``. Methods can also come from a
+plain Python file, without a package: ``--plugin path.py`` on the command line,
+:func:`add_plugin_files` in Python, or ``$ALGM_BENCH_PLUGINS`` (files separated by
+``os.pathsep``). A module or file that fails to import breaks only its own methods:
+choosing one (or an unknown name) reports the failure in one line.
+
+Nothing is imported before it is needed: this module does not import torch, a method
+named on the command line imports only its own entry point, and the plugin files and
+the other entry points load on the first full listing (:func:`methods`). So the CLI
+parses its arguments and answers ``--help`` without torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.util
+import os
+import sys
 from dataclasses import MISSING, field, fields, is_dataclass
 from importlib.metadata import entry_points
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from algm.config import DatasetSpec, ViTConfig
-from algm.reduction import NoReduction, TokenReduction
+
+if TYPE_CHECKING:  # algm.reduction imports torch; it is imported when a method is needed
+    from algm.reduction import TokenReduction
 
 ENTRY_POINT_GROUP = "algm_bench.methods"
+PLUGINS_ENV = "ALGM_BENCH_PLUGINS"
 
 _REGISTRY: dict[str, type[TokenReduction]] = {}
-_BROKEN: dict[str, str] = {}  # entry-point name -> one line: why its module did not import
+_BROKEN: dict[str, str] = {}  # entry-point name or plugin file stem -> one line: why it did not import
+_LOADED: set[str] = set()  # entry-point names and plugin files tried (loaded or broken)
+_PLUGIN_FILES: list[Path] = []  # from add_plugin_files, loaded by _discover
 _discovered = False
 
 
@@ -53,6 +71,9 @@ def register_method(cls: type[TokenReduction]) -> type[TokenReduction]:
     """Class decorator: add a method to the registry under ``cls.name``.
 
     Fails if the name is taken by another class or if ``Config`` is not a dataclass."""
+    from algm.reduction import TokenReduction
+
+    _builtin()
     name = cls.name
     if not isinstance(cls, type) or not issubclass(cls, TokenReduction):
         raise TypeError(f"register_method takes a TokenReduction subclass, got {cls!r}")
@@ -65,7 +86,12 @@ def register_method(cls: type[TokenReduction]) -> type[TokenReduction]:
     return cls
 
 
-register_method(NoReduction)
+def _builtin() -> None:
+    """Register ``none`` (on first use, not at import: it imports torch)."""
+    if "none" not in _REGISTRY:
+        from algm.reduction import NoReduction
+
+        _REGISTRY["none"] = NoReduction
 
 
 def _option_names(cls: type[TokenReduction]) -> list[str]:
@@ -73,24 +99,80 @@ def _option_names(cls: type[TokenReduction]) -> list[str]:
 
 
 def _discover() -> None:
-    """Import every module named in the ``algm_bench.methods`` entry-point group once; a
-    module that fails (import error, a clashing name) is recorded, not raised."""
+    """Import every module named in the ``algm_bench.methods`` entry-point group, then
+    the plugin files (:func:`add_plugin_files`, ``$ALGM_BENCH_PLUGINS``), once each; one
+    that fails (import error, a clashing name) is recorded, not raised."""
     global _discovered
     if _discovered:
         return
     _discovered = True
+    _builtin()
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            ep.load()
-        except Exception as err:  # a third-party plugin may fail in any way
-            first = (str(err).splitlines() or [""])[0][:300]
-            _BROKEN[ep.name] = f"its module {ep.value} failed to import ({type(err).__name__}: {first})"
+        _load_entry_point(ep)
+    env = [Path(p) for p in os.environ.get(PLUGINS_ENV, "").split(os.pathsep) if p]
+    for path in env + _PLUGIN_FILES:
+        _load_plugin_file(path)
+
+
+def _load_entry_point(ep) -> None:
+    if ep.name in _LOADED:
+        return
+    _LOADED.add(ep.name)
+    try:
+        ep.load()
+    except Exception as err:  # a third-party plugin may fail in any way
+        _BROKEN[ep.name] = f"its module {ep.value} failed to import ({_first_line(err)})"
+
+
+def _load_plugin_file(path: Path) -> None:
+    """Execute a plugin file as a module of its own (it registers its methods as an
+    entry-point module does); a failure is recorded under the file's stem."""
+    path = path.expanduser().resolve()
+    if str(path) in _LOADED:
+        return
+    _LOADED.add(str(path))
+    # a name per path: two plugin files called methods.py do not replace each other
+    name = f"algm_bench_plugin_{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+    try:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file runs
+        spec.loader.exec_module(module)
+    except Exception as err:  # a user's file may fail in any way
+        sys.modules.pop(name, None)
+        _BROKEN[path.stem] = f"the plugin file {path} failed to import ({_first_line(err)})"
+
+
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
+
+
+def add_plugin_files(paths) -> None:
+    """Register the methods of these Python files (``str`` or ``Path``) too; they are
+    imported with the entry points, on the first full listing (:func:`methods`), or at
+    once if that has happened already."""
+    for path in map(Path, paths):
+        if path.expanduser().resolve() not in (p.expanduser().resolve() for p in _PLUGIN_FILES):
+            _PLUGIN_FILES.append(path)
+            if _discovered:
+                _load_plugin_file(path)
+
+
+def method_names() -> list[str]:
+    """``none``, the entry points' names, then the other registered methods, without
+    importing anything: the names :func:`methods` will hold, for help texts (an entry
+    point is named after its method; plugin files' methods are known once imported)."""
+    names = ["none", *(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)), *_REGISTRY]
+    return list(dict.fromkeys(names))
 
 
 def methods() -> dict[str, type[TokenReduction]]:
-    """``{name: class}`` of every registered method, ``none`` first."""
+    """``{name: class}`` of every registered method: ``none``, the entry points' in their
+    order (whatever order they were imported in), then the others."""
     _discover()
-    return dict(_REGISTRY)
+    return {name: _REGISTRY[name] for name in method_names() if name in _REGISTRY}
 
 
 def broken_methods() -> dict[str, str]:
@@ -100,13 +182,22 @@ def broken_methods() -> dict[str, str]:
 
 
 def method_class(name: str) -> type[TokenReduction]:
-    registry = methods()
+    """The class of method ``name``; a name an entry point carries loads that entry point
+    only, another name every entry point and plugin file. ValueError (one line) for an
+    unknown or broken method."""
+    _builtin()
+    if name not in _REGISTRY and name not in _LOADED:
+        for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
+            _load_entry_point(ep)
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    registry, broken = methods(), broken_methods()
     if name in registry:
         return registry[name]
-    broken = broken_methods()
     if name in broken:
         raise ValueError(broken[name])
-    raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(registry)}")
+    unavailable = "".join(f"; {line}" for line in broken.values())
+    raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(registry)}{unavailable}")
 
 
 def method_config(name: str, **options) -> Any:
@@ -135,15 +226,17 @@ def required_training(name: str, backbone: ViTConfig, dataset: DatasetSpec, **op
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--method``; :func:`add_method_options` adds the chosen method's options."""
     parser.add_argument_group("token reduction").add_argument(
-        "--method", default="none", type=_method_name,
-        help=f"token-reduction method: {', '.join(methods())} (default: none); "
-             f"--method M --help lists M's options")
+        "--method", default="none", type=method_name,
+        help=f"token-reduction method: {', '.join(method_names())}, or one a --plugin file "
+             f"registers (default: none); --method M --help lists M's options")
 
 
 def add_method_options(parser: argparse.ArgumentParser, method: str) -> None:
     """Add the options of ``method`` (a name from :func:`chosen_method`; an unknown or
     broken one adds none and ``--method`` then reports it)."""
-    if method not in methods():
+    try:
+        method_class(method)
+    except ValueError:
         return
     group = parser.add_argument_group(f"{method} options")
     for f in fields(method_class(method).Config):
@@ -157,7 +250,7 @@ def add_method_options(parser: argparse.ArgumentParser, method: str) -> None:
         )
 
 
-def _method_name(text: str) -> str:
+def method_name(text: str) -> str:
     """argparse type of ``--method``: a registered (and importable) method."""
     try:
         method_class(text)
@@ -179,6 +272,28 @@ def chosen_method(argv: list[str]) -> str | None:
         elif arg.startswith("--method="):
             chosen = arg.split("=", 1)[1]
     return chosen
+
+
+def plugin_files(argv: list[str]) -> list[str]:
+    """The values of every ``--plugin`` in a command line, read before parsing (as
+    :func:`chosen_method`) so that a plugin's method and its options exist when the
+    parser is built."""
+    found = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg == "--plugin" and i + 1 < len(argv):
+            found.append(argv[i + 1])
+        elif arg.startswith("--plugin="):
+            found.append(arg.split("=", 1)[1])
+    return found
+
+
+def plugin_file(text: str) -> str:
+    """argparse type of ``--plugin``: an existing file."""
+    if not Path(text).expanduser().is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return text
 
 
 def option_owners(flag: str) -> list[str]:

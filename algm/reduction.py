@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -165,14 +165,31 @@ class TrainingTask:
 @dataclass(frozen=True)
 class TrainingContext:
     """What a :class:`TrainingTask` may take from its caller: the data root, the model
-    window (None: the dataset's), whether to show progress, and
+    window (None: the dataset's), whether to show progress,
     ``frozen_encoder(backbone, window)``, the framework's encoder with real weights (eval
-    mode), so that a method's training builds no model of its own."""
+    mode), so that a method's training builds no model of its own, and ``layer_cache``,
+    the framework's cache of that encoder's tokens (reached through
+    :meth:`layer_features`; the caller passes
+    :func:`algm.training.features.frozen_layer_features`)."""
 
     data_root: str | None = None
     window: tuple[int, int] | None = None
     progress: bool = True
     frozen_encoder: Callable[[str, tuple[int, int]], nn.Module] | None = None
+    layer_cache: Callable[..., Any] | None = None
+
+    def layer_features(self, backbone, dataset, layers: Sequence[int], split: str = "train",
+                       limit: int | None = None) -> Any:
+        """The frozen encoder's patch tokens after the 1-based blocks ``layers`` for every
+        training window of ``dataset``'s ``split`` (first ``limit`` frames): a
+        :class:`~algm.training.features.LayerFeatures` with ``features`` (W, L, N, D) fp16
+        and the windows' pixel ``labels`` (W, h, w). One encoder forward per frame, cached
+        by the framework. backbone: a :class:`~algm.config.ViTConfig`; dataset: a
+        :class:`~algm.config.DatasetSpec`."""
+        if self.frozen_encoder is None or self.layer_cache is None:
+            raise ValueError("this training needs the framework's frozen encoder and its feature cache "
+                             "(TrainingContext.frozen_encoder and .layer_cache)")
+        return self.layer_cache(self, backbone, dataset, layers, split=split, limit=limit)
 
 
 class TokenReduction(nn.Module):

@@ -262,11 +262,7 @@ class TokenPruning(TokenReduction):
         path = heads_path(backbone.name, dataset.name, layers)
 
         def run(ctx: TrainingContext):
-            if ctx.frozen_encoder is None:
-                raise ValueError("training the prune exit heads needs the framework's frozen encoder "
-                                 "(TrainingContext.frozen_encoder)")
-            return train_heads(backbone, dataset, layers, window=ctx.window, data_root=ctx.data_root,
-                               progress=ctx.progress, frozen_encoder=ctx.frozen_encoder)
+            return train_heads(backbone, dataset, layers, context=ctx)
 
         name = f"prune exit heads ({backbone.name}, {dataset.name}, layers {','.join(map(str, layers))})"
         return [TrainingTask(name, path, run)]
@@ -381,17 +377,18 @@ def heads_path(backbone: str, dataset: str, layers: Sequence[int]) -> Path:
     return cache_dir("prune") / f"heads-{backbone}-{dataset}-L{'-'.join(map(str, layers))}.pt"
 
 
-def train_heads(backbone: ViTConfig, dataset: DatasetSpec, layers: Sequence[int], *, seed: int = 0,
-                out: str | Path | None = None, **options):
-    """Train the exit heads of ``layers`` on the frozen real encoder; write ``out``
-    (default :func:`heads_path`). ``options`` go to
-    :func:`baselines.prune_train.train_aux_heads` (window, split, data_root, limit, epochs,
-    lr, weight_decay, batch_tokens, restart, progress). Returns its ``TrainResult``."""
+def train_heads(backbone: ViTConfig, dataset: DatasetSpec, layers: Sequence[int], *, context: TrainingContext,
+                seed: int = 0, out: str | Path | None = None, **options):
+    """Train the exit heads of ``layers`` on the frozen real encoder that ``context``
+    gives (with its features, data root, window and progress); write ``out`` (default
+    :func:`heads_path`). ``options`` go to :func:`baselines.prune_train.train_aux_heads`
+    (split, limit, epochs, lr, weight_decay, batch_tokens, restart). Returns its
+    ``TrainResult``."""
     from baselines.prune_train import train_aux_heads  # training code only when training
 
     layers = check_layers(layers, backbone.depth)
     torch.manual_seed(seed)  # the heads' initialisation follows from the seed
     heads = new_heads(backbone.embed_dim, dataset.n_cls, len(layers), backbone.norm_eps)
     path = Path(out) if out is not None else heads_path(backbone.name, dataset.name, layers)
-    return train_aux_heads(heads, backbone.name, dataset.name, layers, path, file_format=HEADS_FORMAT,
+    return train_aux_heads(heads, backbone, dataset, layers, path, file_format=HEADS_FORMAT, context=context,
                            seed=seed, **options)

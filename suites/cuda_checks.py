@@ -31,13 +31,26 @@ from algm.methods import build_method, method_class, methods
 from algm.model.segmenter import Segmenter
 from algm.precision import autocast_context
 from algm.reduction import NoReduction
+from algm.safe_yaml import load_yaml
+from suites.definition import SUITES_DIR
 
-# The method the suite is about: the fine-tune check trains with it, and gpu-check times
-# bf16 / torch.compile and matches the zero-cost cut to it. Configuration, not an import:
-# if it is not registered, those parts are skipped and say so.
-DEFAULT_REFERENCE = "algm"
+# The suite whose first reduced method is the reference (:func:`default_reference`).
+REFERENCE_SUITE = SUITES_DIR / "camvid.yaml"
 # A build that fails for want of a trained part or a file is a skip, anything else a bug.
 BUILD_ERRORS = (ValueError, FileNotFoundError)
+
+
+def default_reference() -> str:
+    """The method the suite is about, read from data: the first method other than
+    ``none`` under ``methods:`` of :data:`REFERENCE_SUITE`. The fine-tune check trains
+    with it, and gpu-check times bf16 / torch.compile and matches the zero-cost cut to
+    it. A name, not an import: if it is not registered, those parts are skipped and say so."""
+    raw = load_yaml(REFERENCE_SUITE, "suite")
+    table = raw.get("methods") if isinstance(raw, dict) else None
+    names = [str(name) for name in table if name != "none"] if isinstance(table, dict) else []
+    if not names:
+        raise ValueError(f"{REFERENCE_SUITE}: methods: names no method besides none (the reference is the first)")
+    return names[0]
 
 
 def one_line(err: BaseException) -> str:

@@ -58,7 +58,7 @@ from algm.measure.flops import count_flops
 from algm.measure.throughput import measure_interleaved
 from algm.methods import broken_methods, methods
 from algm.precision import autocast_context
-from suites.cuda_checks import (DEFAULT_REFERENCE, CheckOptions, build_registered, exact_baseline, one_line,
+from suites.cuda_checks import (CheckOptions, build_registered, default_reference, exact_baseline, one_line,
                                 planned_checks, run_checks)
 from suites.machine import machine_record
 
@@ -133,7 +133,7 @@ class Budget:
     checks: CheckOptions
     deadline_s: float
     max_methods: int | None = None
-    reference: str = DEFAULT_REFERENCE
+    reference: str = field(default_factory=default_reference)
     ade20k_backbones: tuple[str, ...] | None = None
 
 
@@ -166,8 +166,8 @@ class SeenOps(TorchDispatchMode):
 
 
 AUTHORS = Protocol("authors", "fp32")  # batch of one repeated frame, fp32, torch's SDPA choice
-MPM_NO_FLASH = Protocol("mpm-no-flash", "fp32", "no-flash")
-MPM_FLASH = Protocol("mpm-flash", "bf16", "flash")
+NO_FLASH = Protocol("fp32-no-flash", "fp32", "no-flash")  # the two protocols of the MPM paper's timings
+FLASH = Protocol("bf16-flash", "bf16", "flash")
 BF16 = Protocol("bf16", "bf16")
 COMPILED = Protocol("compile", "fp32", compile=True)
 COMPILED_BF16 = Protocol("compile-bf16", "bf16", compile=True)
@@ -185,9 +185,9 @@ BUDGETS = {
     # compile ~90 s. ~475 s in all; the deadline keeps a slow run near 8 minutes.
     "full": Budget("full", (
         Stage((CAMVID_S14,), (AUTHORS,), (1, 32)),
-        Stage(SHAPES_512, (AUTHORS, MPM_NO_FLASH, MPM_FLASH), (1, 8, 32)),
+        Stage(SHAPES_512, (AUTHORS, NO_FLASH, FLASH), (1, 8, 32)),
         Stage((CAMVID_S14,), (AUTHORS,), (8,)),
-        Stage((CAMVID_S14,), (MPM_NO_FLASH, MPM_FLASH), (1, 8, 32)),
+        Stage((CAMVID_S14,), (NO_FLASH, FLASH), (1, 8, 32)),
         Stage((CAMVID_S14,), (BF16,), (1, 32), reference_only=True),
         # dynamic=True for methods whose token counts vary; the eager rows are the "off" figures
         Stage((CAMVID_S14,), (COMPILED, COMPILED_BF16), (32,), reference_only=True, zero_cost=False, needs_s=60),
@@ -198,7 +198,7 @@ BUDGETS = {
     "tiny": Budget("tiny", (
         Stage((ModelSet("camvid-vit-ti16", "vit-ti16", "camvid", (96, 128), False, 1, 1),), (AUTHORS,), (1, 2)),
         Stage((ModelSet("ade20k-64-vit-ti16", "vit-ti16", "ade20k", (64, 64), False, 1, 1),),
-              (AUTHORS, MPM_NO_FLASH, MPM_FLASH), (1,)),
+              (AUTHORS, NO_FLASH, FLASH), (1,)),
         Stage((ModelSet("camvid-vit-ti16", "vit-ti16", "camvid", (96, 128), False, 1, 1),), (BF16,), (1,),
               reference_only=True),
     ), CheckOptions(precisions=("bf16",), compile=False, finetune=(), tolerances=(("fp32", 1e-3),)),
@@ -470,7 +470,7 @@ def render_table(rows: list[dict], budget: Budget, machine: dict, checks: list[d
         f"# GPU check: {machine['gpu'] or machine['cpu']} ({machine['device']}, budget {budget.name})", "",
         f"torch {machine['torch']}, CUDA {machine['cuda']}, cuDNN {machine['cudnn']}, driver {machine['driver']}; "
         f"SDPA default kernels {machine['sdpa']['default_kernel']}.",
-        "Every batch is one CamVid val frame repeated B times (the authors' and MPM's protocol); the methods "
+        "Every batch is one CamVid val frame repeated B times (the papers' own protocol); the methods "
         "of a configuration are timed interleaved with `none` in one call (speed-up = im/s / none's im/s of "
         "that call); fp32 means TF32 off" + ("; cuDNN autotuning on." if machine["device"].startswith("cuda")
                                              else "."),
@@ -572,7 +572,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
     p.add_argument("--budget", default="full", choices=BUDGETS, help="full (one GPU, ~8 min) or tiny (CPU, seconds)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: results/gpu-<device name>)")
-    p.add_argument("--data-root", default=None, help="CamVid root (default: $DATA_ROOT, else ../shared/data/camvid)")
+    p.add_argument("--data-root", default=None, help="CamVid root (default: $DATA_ROOT, else $ALGM_BENCH_DATA/camvid, else <cache>/data/camvid)")
     return p.parse_args(argv)
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from algm import distributed
-from algm.build import Setup, frozen_encoder, make_setup
+from algm.build import Setup, make_setup
 from algm.config import DecoderConfig, get_backbone, get_dataset
 from algm.data.datasets import build_dataset
 from algm.data.windows import center_window, mixed_groups
@@ -29,7 +29,7 @@ from algm.measure.breakdown import measure_breakdown
 from algm.measure.flops import average_flops, count_flops
 from algm.measure.throughput import CONTENDED_BELOW, measure_interleaved
 from algm.methods import required_training
-from algm.reduction import TrainingContext
+from algm.training.features import training_context
 from algm.training.head import load_head, train_head
 from algm.weights.checkpoint import read_variant
 from suites.definition import Setting, Suite
@@ -68,8 +68,7 @@ def train_missing_parts(suite: Suite, backbone: str, setting: Setting, opts: Run
     if not tasks:
         return
     if distributed.is_main():
-        context = TrainingContext(data_root=opts.data_root, window=suite.window_for(backbone),
-                                  progress=opts.progress, frozen_encoder=frozen_encoder)
+        context = training_context(opts.data_root, suite.window_for(backbone), opts.progress)
         for task in tasks:
             if opts.progress:
                 print(f"training {task.name} -> {task.path}")
@@ -109,7 +108,9 @@ def measure_row(suite: Suite, plan_row: Row, opts: RunOptions) -> dict:
     baseline = baseline_for(suite, plan_row, setup)
     if baseline is not setup:
         distributed.broadcast_module(baseline.model)
-    if distributed.is_main():
+    if opts.untimed:
+        row["untimed"] = True  # stale_sizes: the next run without --untimed times it
+    elif distributed.is_main():
         for b in timed_sizes(suite, setting):
             row.update(_throughput(suite, setup, baseline, b, opts, setting.batch))
         if suite.throughput.breakdown:
@@ -122,7 +123,10 @@ def stale_sizes(row: dict, suite: Suite) -> list[int]:
     """The batch sizes of a cached row to time again: contended ones, those timed under
     another host allocator policy (or before rows recorded it and the GFLOPs of their
     timed batch, ``timed_gflops_bN``) and, where the suite asks for the attainable
-    speed-up, those of a reduced row without it."""
+    speed-up, those of a reduced row without it; every size of a row measured
+    ``--untimed``."""
+    if row.get("untimed"):
+        return list(timed_sizes(suite, Setting(row["method"], batch=row.get("batch"))))
     contended = {int(k[len("contended_b"):]) for k, v in row.items() if k.startswith("contended_b") and v}
     timed = {int(k[len("ims_b"):]) for k in row if k.startswith("ims_b") and k[len("ims_b"):].isdigit()}
     if _other_policy(row):
@@ -147,10 +151,11 @@ def retime(suite: Suite, plan_row: Row, row: dict, opts: RunOptions) -> dict:
     setup.model.eval()
     baseline.model.eval()
     row = dict(row)
+    untimed = row.pop("untimed", False)
     if distributed.is_main():
-        if suite.throughput.breakdown and _other_policy(row):
+        if suite.throughput.breakdown and (untimed or _other_policy(row)):
             row.update(_breakdown(suite, setup, baseline, opts))  # its fixed share moves with the policy
-        for b in stale_sizes(row, suite):
+        for b in timed_sizes(suite, plan_row.setting) if untimed else stale_sizes(row, suite):
             row.update(_throughput(suite, setup, baseline, b, opts, plan_row.setting.batch))
     return row
 
@@ -332,4 +337,4 @@ def _evaluate(setup: Setup, dataset, suite: Suite, setting: Setting, opts: RunOp
                       batch_size=None if setting.batch else suite.window_batch_size,
                       images_per_batch=setting.batch or 1)
     setup.model.to("cpu")
-    return result.miou * 100
+    return result.miou  # MIoUResult is in percent

@@ -36,6 +36,7 @@ class RunOptions:
     progress: bool = True
     checkpoints: str | None = None  # DIR/<dataset>/<backbone>/<method>/checkpoint.pth
     backbones: tuple[str, ...] | None = None  # restrict the suite to these
+    untimed: bool = False  # GFLOPs and mIoU now, timings by a later run (a busy machine)
 
 
 @dataclass(frozen=True)

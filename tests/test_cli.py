@@ -86,3 +86,28 @@ def test_unknown_backbone_is_rejected_by_the_parser(capsys):
         main(["flops", "--backbone", "vit-huge"])
     assert exit_.value.code == 2
     assert "invalid choice: 'vit-huge'" in capsys.readouterr().err
+
+
+def imported_after_parsing(argv: list[str]) -> set[str]:
+    """The modules a fresh interpreter has imported once it built the parser for ``argv``
+    and parsed it (``--help`` exits there)."""
+    code = ("import sys\nfrom algm.cli import build_parser\n"
+            f"argv = {argv!r}\n"
+            "try:\n    build_parser(argv).parse_args(argv)\nexcept SystemExit:\n    pass\n"
+            "print('MODULES', *sorted(sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(out.stdout.splitlines()[-1].split()[1:])
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["flops", "--help"], ["fetch", "--help"], ["bogus"],
+                                  ["compare", "--help"]])
+def test_help_and_usage_errors_do_not_import_torch(argv):
+    loaded = imported_after_parsing(argv)
+    assert "torch" not in loaded
+    assert not any(m.startswith("baselines") for m in loaded)  # nor any method plugin
+
+
+def test_a_chosen_method_imports_its_own_plugin_only():
+    loaded = imported_after_parsing(["flops", "--method", "tome", "--help"])
+    assert "baselines.tome" in loaded
+    assert not any(m.startswith("baselines.") and m != "baselines.tome" for m in loaded)

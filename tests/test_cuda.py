@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 CUDA = torch.device("cuda")
-REFERENCE = cuda_checks.DEFAULT_REFERENCE
+REFERENCE = cuda_checks.default_reference()
 PAIR = ["none", REFERENCE]
 
 

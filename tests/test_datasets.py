@@ -105,8 +105,8 @@ def test_camvid_lengths_labels_and_sample_types(tmp_path):
 def test_camvid_root_precedence(tmp_path, monkeypatch):
     env_root = make_camvid(tmp_path / "env", {"val": ["x", "y"]})
     arg_root = make_camvid(tmp_path / "arg", {"val": ["z"]})
-    assert DEFAULT_CAMVID_ROOT == (Path(ds.algm.__file__).resolve().parents[1] / ".." / "shared" / "data"
-                                   / "camvid").resolve()
+    monkeypatch.setenv("ALGM_BENCH_DATA", str(tmp_path / "home"))
+    assert ds.DEFAULT_CAMVID_ROOT == ds.default_root("camvid") == tmp_path / "home" / "camvid"
     monkeypatch.setenv("DATA_ROOT", str(env_root))
     assert len(build_dataset("camvid", "val")) == 2
     assert len(build_dataset("camvid", "val", root=arg_root)) == 1
@@ -266,8 +266,10 @@ def test_missing_root_shows_layout(tmp_path, name):
     assert layout == f"expected layout under {tmp_path / 'nowhere'}: {ds.one_line(ds._LOADERS[name].layout)}"
 
 
-def test_missing_data_root_for_fixed_layouts():
-    with pytest.raises(FileNotFoundError, match="(?s)DATA_ROOT.*ADEChallengeData2016"):
+def test_missing_data_root_for_fixed_layouts(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALGM_BENCH_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"(?s)the root {tmp_path / 'ade20k'} does not exist.*"
+                                                "ADEChallengeData2016"):
         build_dataset("ade20k", "val")
 
 

@@ -156,7 +156,7 @@ def test_evaluate_oracle_is_perfect(camvid):
     model = Oracle().train()
     res = evaluate(model, camvid, (24, 32), progress=False)
     assert model.training  # the flag is restored
-    assert res.n_images == 3 and res.miou == 1.0 and res.acc == 1.0
+    assert res.n_images == 3 and res.miou == 100.0 and res.acc == 100.0  # percent
     assert [i for i, v in enumerate(res.per_class_iou) if v == v] == [0, 3, 8]
     labelled = 30 * 40 + 40 * 30 + 48 * 90 - 3 * 3 * 4  # original sizes, ignore corner left out
     assert res.confusion.sum() == labelled
@@ -169,7 +169,7 @@ def test_evaluate_constant_prediction(camvid):
 
     res = evaluate(Always3(), camvid, (24, 32), progress=False)
     sizes = {0: 30 * 40 - 12, 3: 40 * 30 - 12, 8: 48 * 90 - 12}  # labelled pixels per class
-    assert res.per_class_iou[3] == pytest.approx(sizes[3] / sum(sizes.values()))
+    assert res.per_class_iou[3] == pytest.approx(100 * sizes[3] / sum(sizes.values()))  # percent
     assert res.per_class_iou[0] == res.per_class_iou[8] == 0.0
     assert res.miou == pytest.approx(res.per_class_iou[3] / 3)
     assert res.acc == pytest.approx(res.per_class_iou[3])

@@ -14,7 +14,7 @@ import torch
 import algm.methods
 from algm.data.datasets import resolve_root
 from algm.reduction import TokenReduction
-from suites import gpu_check
+from suites import cuda_checks, gpu_check
 from suites.cuda_checks import build_registered
 
 needs_camvid = pytest.mark.skipif(not (resolve_root("camvid") / "val.txt").is_file(),
@@ -39,12 +39,15 @@ class NeedsPart(TokenReduction):
 
 @pytest.fixture
 def registry_with_unbuildable(monkeypatch):
-    """The registry with ``needs-part`` second (so the tiny budget's first methods hold it)."""
+    """The registry with ``needs-part`` registered and listed second where gpu-check reads
+    the registry (so the tiny budget's first methods hold it)."""
     real = algm.methods.methods()
     names = list(real)
-    monkeypatch.setattr(algm.methods, "_REGISTRY", {names[0]: real[names[0]], NeedsPart.name: NeedsPart,
-                                                    **{n: real[n] for n in names[1:]}})
-    return algm.methods.methods()
+    ordered = {names[0]: real[names[0]], NeedsPart.name: NeedsPart, **{n: real[n] for n in names[1:]}}
+    monkeypatch.setitem(algm.methods._REGISTRY, NeedsPart.name, NeedsPart)
+    for module in (gpu_check, cuda_checks):
+        monkeypatch.setattr(module, "methods", lambda: dict(ordered))
+    return ordered
 
 
 def no_subprocess(*args, **kwargs):
@@ -72,13 +75,13 @@ def test_tiny_cpu_run_writes_table_csv_and_machine(tmp_path, monkeypatch, regist
     assert [(r["set"], r["protocol"], int(r["batch_size"]), r["method"]) for r in rows] == expected
     assert all(r["error"] == "" and r["batch_kind"] == "repeated" for r in rows)
 
-    flash = [r for r in rows if r["protocol"] == "mpm-flash"]
+    flash = [r for r in rows if r["protocol"] == "bf16-flash"]
     assert flash and all(r["sdpa_kernel"] == "unavailable" and r["images_per_s"] == "nan" for r in flash)
-    for r in (r for r in rows if r["protocol"] != "mpm-flash"):
+    for r in (r for r in rows if r["protocol"] != "bf16-flash"):
         assert all(math.isfinite(float(r[c])) and float(r[c]) > 0 for c in FLOAT_COLUMNS), r
         assert r["device"] == "cpu" and r["sdpa_kernel"] in ("flash-cpu", "math", "efficient"), r
-    assert {r["sdpa_kernel"] for r in rows if r["protocol"] == "mpm-no-flash"} == {"math"}
-    assert all(float(r["speedup"]) == 1.0 for r in rows if r["method"] == "none" and r["protocol"] != "mpm-flash")
+    assert {r["sdpa_kernel"] for r in rows if r["protocol"] == "fp32-no-flash"} == {"math"}
+    assert all(float(r["speedup"]) == 1.0 for r in rows if r["method"] == "none" and r["protocol"] != "bf16-flash")
     for r in rows:  # the zero-cost cut is matched to the reference's GFLOPs: at most those
         if r["method"] == gpu_check.ZERO_COST:
             reference = next(x for x in rows if x["set"] == r["set"] and x["method"] == tiny.reference)
@@ -155,8 +158,8 @@ def test_sdpa_backend_is_observed_or_unavailable():
 
     x = torch.randn(1, 2, 8, 4)
     assert gpu_check.observed_backend(attend, x, gpu_check.AUTHORS) == "flash-cpu"
-    assert gpu_check.observed_backend(attend, x, gpu_check.MPM_NO_FLASH) == "math"
-    assert gpu_check.observed_backend(attend, x, gpu_check.MPM_FLASH) == "unavailable"  # CPU: no FlashAttention
+    assert gpu_check.observed_backend(attend, x, gpu_check.NO_FLASH) == "math"
+    assert gpu_check.observed_backend(attend, x, gpu_check.FLASH) == "unavailable"  # CPU: no FlashAttention
 
 
 def test_full_budget_order_and_coverage():
@@ -168,7 +171,7 @@ def test_full_budget_order_and_coverage():
     assert first == [(camvid, gpu_check.AUTHORS, 1), (camvid, gpu_check.AUTHORS, 32)]
     # the authors' and MPM's protocols at b1, 8 and 32, on ViT-S/14 CamVid and every 512 x 512 shape
     for ms in (camvid, *gpu_check.SHAPES_512):
-        for protocol in (gpu_check.AUTHORS, gpu_check.MPM_NO_FLASH, gpu_check.MPM_FLASH):
+        for protocol in (gpu_check.AUTHORS, gpu_check.NO_FLASH, gpu_check.FLASH):
             assert {t.batch_size for t in timings if (t.model_set, t.protocol) == (ms, protocol)} == {1, 8, 32}
             assert not any(t.reference_only for t in timings if (t.model_set, t.protocol) == (ms, protocol))
     assert [b.split("-")[-1] for b in (ms.backbone for ms in gpu_check.SHAPES_512)] == ["ti16", "s16", "b16", "l16"]
@@ -179,3 +182,21 @@ def test_full_budget_order_and_coverage():
     assert all(t.reference_only for t in timings if t.protocol.compile or t.protocol == gpu_check.BF16)
     assert full.ade20k_backbones is None and full.deadline_s <= 8 * 60
     assert gpu_check.slug("NVIDIA H200") == "nvidia-h200"
+
+
+def test_the_reference_method_is_read_from_the_camvid_suite(tmp_path, monkeypatch):
+    """The method the zero-cost cut matches is data: the first reduced method of the
+    CamVid suite, not a name in the code."""
+    import yaml
+
+    raw = yaml.safe_load(cuda_checks.REFERENCE_SUITE.read_text())
+    assert cuda_checks.default_reference() == next(name for name in raw["methods"] if name != "none")
+    assert gpu_check.BUDGETS["full"].reference == cuda_checks.default_reference()
+    suite = tmp_path / "suite.yaml"
+    monkeypatch.setattr(cuda_checks, "REFERENCE_SUITE", suite)
+    suite.write_text("dataset: camvid\nmethods:\n  none: [{}]\n  mine: [{r: 8}]\n  other: [{}]\n")
+    assert cuda_checks.default_reference() == "mine"
+    suite.write_text("dataset: camvid\nmethods:\n  none: [{}]\n")
+    with pytest.raises(ValueError, match=rf"^{suite}: methods: names no method besides none \(the reference is "
+                                         r"the first\)$"):
+        cuda_checks.default_reference()

@@ -125,7 +125,7 @@ def test_data_problems_are_two_lines_at_most(tmp_path, make, problem):
         build_dataset("camvid", "val", root=root)
     first, layout = str(err.value).split("\n")
     assert first == f"camvid val: {problem.format(root=root)}"
-    assert layout.startswith(f"expected layout under {root}: <root>/ (default: ../shared/data/camvid")
+    assert layout.startswith(f"expected layout under {root}: <root>/ (default: $ALGM_BENCH_DATA/camvid, else <cache>/data/camvid")
 
 
 def test_predict_refuses_a_fifo_and_a_device_as_not_regular_files(tmp_path, capsys):

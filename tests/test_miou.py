@@ -21,14 +21,15 @@ def test_hand_computed():
     res = cm.result()
     # class 0: TP 1, FN 1 (->1), FP 0 -> 1/2; class 1: TP 2, FP 2 (0->1, 2->1) -> 2/4;
     # class 2: TP 0, FN 1 -> 0; class 3: absent -> NaN; the ignored pixel's 0 is not a FP.
-    assert res.per_class_iou[:3] == (0.5, 0.5, 0.0) and math.isnan(res.per_class_iou[3])
-    assert res.miou == pytest.approx(1 / 3)
-    assert res.acc == pytest.approx(3 / 5)
+    # Every figure in percent.
+    assert res.per_class_iou[:3] == (50.0, 50.0, 0.0) and math.isnan(res.per_class_iou[3])
+    assert res.miou == pytest.approx(100 / 3)
+    assert res.acc == pytest.approx(60.0)
     assert res.n_images == 1
     assert res.confusion.tolist() == [[1, 1, 0, 0], [0, 2, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]]
     assert res.to_dict(["a", "b", "c", "d"]) == {
-        "miou": pytest.approx(1 / 3), "acc": pytest.approx(0.6), "n_images": 1,
-        "per_class_iou": {"a": 0.5, "b": 0.5, "c": 0.0, "d": None},
+        "miou": pytest.approx(100 / 3), "acc": pytest.approx(60.0), "n_images": 1,
+        "per_class_iou": {"a": 50.0, "b": 50.0, "c": 0.0, "d": None},
     }
 
 
@@ -56,8 +57,8 @@ def test_class_only_predicted_counts_as_zero():
     cm = ConfusionMatrix(3, IGNORE)
     cm.update(torch.tensor([[0, 2]]), torch.tensor([[0, 0]]))
     res = cm.result()
-    assert res.per_class_iou[0] == 0.5 and math.isnan(res.per_class_iou[1]) and res.per_class_iou[2] == 0.0
-    assert res.miou == pytest.approx(0.25)
+    assert res.per_class_iou[0] == 50.0 and math.isnan(res.per_class_iou[1]) and res.per_class_iou[2] == 0.0
+    assert res.miou == pytest.approx(25.0)
 
 
 def test_batched_updates_equal_per_image():
@@ -98,12 +99,13 @@ def test_equals_mmseg_iou_metric():
         cm.update(pred, label)
         areas.append(IoUMetric.intersect_and_union(pred, label, n_cls, ignore))
     totals = [sum(a[i] for a in areas) for i in range(4)]
-    ref = IoUMetric.total_area_to_metrics(*totals, metrics=["mIoU"])
+    ref = IoUMetric.total_area_to_metrics(*totals, metrics=["mIoU"])  # fractions; mmseg prints x 100
     ours = cm.result()
-    np.testing.assert_allclose(np.array(ours.per_class_iou), ref["IoU"], rtol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(np.array(ours.per_class_iou), 100 * np.asarray(ref["IoU"]), rtol=1e-6,
+                               equal_nan=True)
     assert math.isnan(ours.per_class_iou[6])
-    assert ours.miou == pytest.approx(float(np.nanmean(ref["IoU"])), rel=1e-6)
-    assert ours.acc == pytest.approx(float(ref["aAcc"]), rel=1e-6)
+    assert ours.miou == pytest.approx(100 * float(np.nanmean(ref["IoU"])), rel=1e-6)
+    assert ours.acc == pytest.approx(100 * float(ref["aAcc"]), rel=1e-6)
 
 
 def test_no_updates_gives_nan():

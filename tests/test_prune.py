@@ -17,9 +17,11 @@ from algm.data.windows import tiles
 from algm.methods import build_method, required_training
 from algm.model.segmenter import build_segmenter
 from algm.reduction import NoReduction, TrainingContext
+from algm.training.features import extract_layer_features, frozen_layer_features, layer_tokens
 from baselines import prune_train
-from baselines.prune import HEADS_FORMAT, PruneAux, TokenPruning, class_rank, heads_path, parse_layers
-from baselines.prune_train import encoder_features, extract_features, fit_heads, patch_labels
+from baselines.prune import (HEADS_FORMAT, PruneAux, TokenPruning, class_rank, heads_path, new_heads, parse_layers,
+                             train_heads)
+from baselines.prune_train import fit_heads, patch_labels
 
 CFG = ViTConfig("tiny", 64, 8, 2, 16, pos_grid=(4, 4))
 SPEC = DatasetSpec("toy", 4, grid=(4, 4), ignore_index=4)
@@ -300,24 +302,21 @@ def test_required_training_only_when_heads_are_missing(tmp_path, monkeypatch):
     assert required_training("prune", CFG, SPEC, random_heads=True) == []
     assert required_training("prune", CFG, SPEC, heads_file=str(tmp_path / "mine.pt")) == []
 
-    # The task trains heads for this backbone / dataset / layers / window into its path ...
+    # The task trains heads for this backbone / dataset / layers into its path ...
     calls = []
 
     def train(heads, backbone, dataset, layers, out, **options):
         calls.append((backbone, dataset, layers, out, options))
-        meta = {"backbone": backbone, "dataset": dataset, "exit_layers": list(layers),
+        meta = {"backbone": backbone.name, "dataset": dataset.name, "exit_layers": list(layers),
                 "embed_dim": 64, "n_cls": 4}
         torch.save({"format": options["file_format"], "meta": meta, "state_dict": heads.state_dict()}, out)
 
     monkeypatch.setattr(prune_train, "train_aux_heads", train)
-    with pytest.raises(ValueError, match="needs the framework's frozen encoder"):
-        task.run(TrainingContext(data_root="/data", window=(64, 96), progress=False))
-    encoder = object()
-    task.run(TrainingContext(data_root="/data", window=(64, 96), progress=False, frozen_encoder=encoder))
+    context = TrainingContext(data_root="/data", window=(64, 96), progress=False)
+    task.run(context)
     (backbone, dataset, layers, out, options), = calls
-    assert (backbone, dataset, layers, out) == ("tiny", "toy", (4, 5), task.path)
-    assert options["window"] == (64, 96) and options["data_root"] == "/data" and options["progress"] is False
-    assert options["frozen_encoder"] is encoder  # the framework's encoder: the method builds no model
+    assert (backbone, dataset, layers, out) == (CFG, SPEC, (4, 5), task.path)
+    assert options["context"] is context  # the framework's encoder and features: the method builds no model
     # ... after which nothing is left to train and the method builds from that file.
     assert required_training("prune", CFG, SPEC) == []
     assert build_method("prune", CFG, SPEC).settings()["heads"].startswith("trained:tiny/toy:")
@@ -374,10 +373,53 @@ def test_patch_labels_majority_and_ignore():
     assert patch_labels(label, (2, 2), 4, 4).tolist() == [1, 2, 4, 0]
 
 
-def test_encoder_features_match_the_pruning_hook_and_cache(tmp_path):
+def old_encoder_features(encoder, images, layers):
+    """The pruning heads' own feature extraction before the framework's took its place
+    (the reference: heads already trained on it stay valid)."""
+    grid = (images.shape[-2] // encoder.cfg.patch_size, images.shape[-1] // encoder.cfg.patch_size)
+    patches = encoder.patch_embed(images) + encoder.patch_pos(grid)
+    cls = (encoder.cls_token + encoder.pos_embed[:, :1]).expand(images.shape[0], -1, -1)
+    x = torch.cat([cls, patches], 1)
+    features = []
+    for block, blk in enumerate(encoder.blocks[:max(layers)], start=1):
+        x = blk(x)
+        if block in layers:
+            features.append(x[:, 1:])
+    return torch.stack(features, 1)
+
+
+def samples(n, size=(64, 64), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [Item(torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=g),
+                 torch.randint(0, 5, size, generator=g), f"f{i}") for i in range(n)]
+
+
+class Frames(list):
+    """Samples as a dataset (what ``build_dataset`` returns)."""
+
+    n_cls, ignore_index = SPEC.n_cls, SPEC.ignore_index
+
+
+def old_extraction(encoder, items, layers, window, batch=4):
+    """Features (W, L, N, D) fp16 and patch labels (W, N) as the heads' extraction made
+    them: the windows of ``batch`` images per forward."""
+    cfg, grid = encoder.cfg, (window[0] // encoder.cfg.patch_size, window[1] // encoder.cfg.patch_size)
+    feats, labels = [], []
+    with torch.no_grad():
+        for first in range(0, len(items), batch):
+            pairs = [p for item in items[first:first + batch]
+                     for p in tiles(item.image, window, cfg.mean, cfg.std, label=item.label, ignore_index=4)]
+            feats.append(old_encoder_features(encoder, torch.cat([x for x, _ in pairs]), layers).half())
+            labels += [patch_labels(y[0], grid, 4, 4) for _, y in pairs]
+    return torch.cat(feats), torch.stack(labels)
+
+
+def test_framework_layer_tokens_are_the_old_features_and_the_hook_s():
     model = make_model()
     x = images(2)
-    feats = encoder_features(model.encoder, x, (2, 5))
+    with torch.no_grad():
+        feats = layer_tokens(model.encoder, x, (2, 5))
+        assert torch.equal(feats, old_encoder_features(model.encoder, x, (2, 5)))
     assert feats.shape == (2, 2, 16, 64)
     method = make_method(p0=2.0)
     seen = {}
@@ -391,41 +433,85 @@ def test_encoder_features_match_the_pruning_hook_and_cache(tmp_path):
         model.encoder(x, method)
     assert torch.equal(feats[:, 0], seen[1]) and torch.equal(feats[:, 1], seen[4])
 
-    g = torch.Generator().manual_seed(0)
-    samples = [Item(torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=g),
-                    torch.randint(0, 5, (64, 64), generator=g), f"f{i}") for i in range(5)]
-    f1, l1 = extract_features(model.encoder, samples, (2, 5), (64, 64), 4, 4, tmp_path, chunk=2,
-                              progress=False)
-    assert f1.shape == (5, 2, 16, 64) and f1.dtype == torch.float16 and l1.shape == (5, 16)
-    assert len(list(tmp_path.glob("chunk-*.pt"))) == 3
-    # Cached chunks are reused: a broken encoder is never called.
-    f2, l2 = extract_features(_NoCall(model.encoder.cfg), samples, (2, 5), (64, 64), 4, 4, tmp_path,
-                              chunk=2, progress=False)
-    assert torch.equal(f1, f2) and torch.equal(l1, l2)
 
-
-def test_training_windows_are_the_tiles(tmp_path):
-    """A 640 x 480 image with a 512 window: test scale 683 x 512, two tiles (no resize to
-    the window's shape)."""
+@pytest.mark.usefixtures("one_thread")
+def test_framework_features_are_the_old_extraction_including_wide_frames(tmp_path):
+    """160 x 120 images with a 128 window: test scale 171 x 128, two tiles each (no resize
+    to the window's shape), 5 frames: batches of 4 and 1. The features and per-patch
+    labels the heads get are bit for bit those of the old extraction."""
     model = make_model()
-    g = torch.Generator().manual_seed(0)
-    item = Item(torch.randint(0, 256, (3, 480, 640), dtype=torch.uint8, generator=g),
-                torch.randint(0, 5, (480, 640), generator=g), "wide")
-    cfg, window = model.encoder.cfg, (512, 512)
-    feats, labels = extract_features(model.encoder, [item], (2, 5), window, 4, 4, tmp_path, progress=False)
-    expected = list(tiles(item.image, window, cfg.mean, cfg.std, label=item.label, ignore_index=4))
-    assert len(expected) == 2 and feats.shape == (2, 2, 32 * 32, 64) and labels.shape == (2, 32 * 32)
-    x = torch.cat([x for x, _ in expected])
-    assert torch.equal(feats, encoder_features(model.encoder, x, (2, 5)).half())
-    assert torch.equal(labels, torch.stack([patch_labels(y[0], (32, 32), 4, 4) for _, y in expected]))
+    data = Frames(samples(5, (120, 160)))
+    got = extract_layer_features(model.encoder, data, (2, 5), (128, 128), dataset="toy", split="train",
+                                 cache=tmp_path, progress=False)
+    feats, labels = old_extraction(model.encoder, data, (2, 5), (128, 128))
+    assert got.features.shape == (10, 2, 8 * 8, 64) and got.grid == (8, 8) and got.n_frames == 5
+    assert torch.equal(got.features, feats)
+    assert torch.equal(torch.stack([patch_labels(y, got.grid, 4, 4) for y in got.labels]), labels)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_heads_trained_through_the_framework_equal_a_direct_fit(tmp_path, monkeypatch):
+    """The task's path (framework features, its cache, the checkpoint) trains exactly the
+    heads of a direct fit on directly computed features, into the same file and format."""
+    import algm.data.datasets
+
+    monkeypatch.setenv("ALGM_BENCH_CACHE", str(tmp_path))
+    model = make_model()
+    data = Frames(samples(6))
+    opened = []
+
+    def build_dataset(name, split, root=None, limit=None):
+        opened.append((name, split, root, limit))
+        return Frames(data[:limit])
+
+    monkeypatch.setattr(algm.data.datasets, "build_dataset", build_dataset)
+    encoders = []
+
+    def frozen_encoder(backbone, window):
+        encoders.append((backbone, window))
+        return model.encoder
+
+    context = TrainingContext(data_root="/data", window=(64, 64), progress=False, frozen_encoder=frozen_encoder,
+                              layer_cache=frozen_layer_features)
+    options = dict(epochs=2, lr=1e-2, batch_tokens=16)
+    result = train_heads(CFG, SPEC, LAYERS, context=context, limit=5, **options)
+    assert opened == [("toy", "train", "/data", 5)] and encoders == [("tiny", (64, 64))]
+    assert result.path == heads_path("tiny", "toy", LAYERS)
+
+    torch.manual_seed(0)
+    direct = new_heads(CFG.embed_dim, SPEC.n_cls, len(LAYERS), CFG.norm_eps)
+    feats, labels = old_extraction(model.encoder, data[:5], LAYERS, (64, 64))
+    loss, _ = fit_heads(direct, feats, labels, SPEC.ignore_index, progress=False, **options)
+    blob = torch.load(result.path, weights_only=True)
+    assert blob["format"] == HEADS_FORMAT and blob["meta"]["train_loss"] == loss
+    assert set(blob["meta"]) == {"backbone", "weights", "dataset", "split", "exit_layers", "embed_dim", "n_cls",
+                                 "window", "epochs", "seed", "lr", "images", "windows", "train_loss", "train_acc"}
+    assert (blob["meta"]["images"], blob["meta"]["windows"], blob["meta"]["window"]) == (5, 5, [64, 64])
+    assert blob["state_dict"].keys() == direct.state_dict().keys()
+    assert all(torch.equal(v, direct.state_dict()[k]) for k, v in blob["state_dict"].items())
+    assert build_method("prune", CFG, SPEC, exit_layers="3,5").settings()["heads"].startswith("trained:tiny/toy:")
+
+    # Again: the features come from the framework's cache (no encoder built, none run).
+    context = TrainingContext(data_root="/data", window=(64, 64), progress=False,
+                              frozen_encoder=lambda backbone, window: _NoCall(model.encoder),
+                              layer_cache=frozen_layer_features)
+    again = train_heads(CFG, SPEC, LAYERS, context=context, limit=5, out=tmp_path / "again.pt", restart=True,
+                        **options)
+    assert again.train_loss == loss
 
 
 class _NoCall(torch.nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
+    """An encoder with the real one's config and weights whose forward must not run."""
 
-    def forward(self, *args, **kwargs):
+    def __init__(self, encoder):
+        super().__init__()
+        self.cfg = encoder.cfg
+        self.inner = encoder
+
+    def state_dict(self, *args, **kwargs):
+        return self.inner.state_dict(*args, **kwargs)
+
+    def start(self, *args, **kwargs):
         raise AssertionError("features should come from the cache")
 
 

@@ -132,7 +132,7 @@ def test_the_suite_reports_every_backbone_with_checkpoints(zoo, tmp_path, capsys
     df = pd.read_csv(out / "results.csv")
     s16 = df[df.backbone == "vit-s16"]
     assert len(s16) == 3  # none, algm off the shelf, algm trained with the method
-    assert s16[["miou", "miou_trained"]].max(axis=1).notna().all()
+    assert (s16.miou_pct.notna() | s16.miou_trained_pct.notna()).all()  # each its own column
     trained = s16[s16.trained_with_method.astype(bool)]
     off = s16[~s16.trained_with_method.astype(bool)]
     assert len(trained) == 1 and trained.method.item() == "algm"
@@ -143,17 +143,18 @@ def test_the_suite_reports_every_backbone_with_checkpoints(zoo, tmp_path, capsys
     assert off[off.method == "none"].gflops.item() == pytest.approx(fl["gflops"], rel=1e-9)
     # vit-b16 has no checkpoint: GFLOPs only, and the table says which file was missing
     b16 = df[df.backbone == "vit-b16"]
-    assert len(b16) == 2 and b16.miou.isna().all() and "ims_b1" in df and b16.ims_b1.isna().all()
+    assert len(b16) == 2 and b16.miou_pct.isna().all() and "images_per_s_b1" in df and b16.images_per_s_b1.isna().all()
     table = (out / "table.md").read_text()
-    assert "none/checkpoint.pth" in table and "algm/checkpoint.pth" in table
-    assert "trained with the method" in table
+    diagnostics = (out / "diagnostics.md").read_text()
+    assert "none/checkpoint.pth" in diagnostics and "algm/checkpoint.pth" in diagnostics
+    assert "trained with the method" in diagnostics and ", trained model" in table
     assert str(zoo["checkpoints"] / "ade20k" / "vit-b16" / "none" / "checkpoint.pth") in table
     # the method's own share of the forward, and the bound the fixed stages set
-    assert (off[off.method == "none"].overhead_share == 0).all()
-    algm = off[off.method == "algm"].overhead_share.item()
-    assert 0 < algm < 1
-    assert ((s16.fixed_share > 0) & (s16.fixed_share < 1)).all()
-    assert "method overhead %" in table and "speed-up bound" in table
+    assert (off[off.method == "none"].overhead_pct == 0).all()
+    algm = off[off.method == "algm"].overhead_pct.item()
+    assert 0 < algm < 100
+    assert ((s16.fixed_pct > 0) & (s16.fixed_pct < 100)).all()
+    assert "method overhead %" in diagnostics and "speed-up bound" in diagnostics
     reproduction = (out / "reproduction.md").read_text()
     assert "| vit-s16 | algm |" in reproduction and "speed-up b1" in reproduction
 
@@ -197,9 +198,10 @@ def test_batched_rows_measure_mixed_batches(tmp_path):
     alone, authors, own = (df.loc[f"algm({s}tau=0.5)"] for s in
                            ("batch_policy=per_image, ", "batch=2, ", "batch=2, batch_policy=per_image, "))
     assert own.tokens_kept_pct < authors.tokens_kept_pct
-    assert own.tokens_per_layer == alone.tokens_per_layer and own.miou == pytest.approx(alone.miou, abs=1e-9)
+    assert own.tokens_per_layer == alone.tokens_per_layer and own.miou_pct == pytest.approx(alone.miou_pct, abs=1e-9)
     assert alone.gflops <= own.gflops <= authors.gflops and own.gflops_images == 5
-    assert np.isnan(alone.ims_b2) and min(authors.ims_b1, authors.ims_b2, authors.base_ims_b2) > 0
+    assert np.isnan(alone.images_per_s_b2) and min(authors.images_per_s_b1, authors.images_per_s_b2,
+                                                   authors.baseline_images_per_s_b2) > 0
     table = (out / "table.md").read_text()
-    assert "| algm(batch=2, batch_policy=per_image, tau=0.5) |" in table and "im/s b2" in table
+    assert "| tau=0.5, batch_policy=per_image, batch=2 |" in table and "## Batch 2" in (out / "diagnostics.md").read_text()
     assert "Rows with batch=N (N = 2): tokens kept, GFLOPs and mIoU on mixed batches" in table

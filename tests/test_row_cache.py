@@ -104,7 +104,8 @@ def test_a_flops_only_rerun_leaves_no_stale_report(bench, tmp_path):
     (out / "miou_vs_throughput.png").write_bytes(b"stale")  # as a full run with mIoU leaves it
     assert bench("--flops-only")[0] == 0
     assert not (out / "miou_vs_throughput.png").exists()
-    assert {p.name for p in out.iterdir()} == {"results.csv", "table.md", "table.tex", "machine.json"}
+    assert {p.name for p in out.iterdir()} == {"results.csv", "table.md", "table.tex", "diagnostics.md",
+                                              "machine.json", "run.json"}
     assert not list(tmp_path.glob(".out.staging-*"))
 
 
@@ -125,10 +126,22 @@ def test_a_failed_report_write_leaves_the_old_set_intact(bench, tmp_path, monkey
     assert bench()[0] == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    def full_disk(df):  # table.tex is written after results.csv and table.md
+    def full_disk(*args):  # table.tex is written after results.csv and table.md
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(report, "latex_table", full_disk)
     assert bench()[0] == 2
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not list(tmp_path.glob(".out.staging-*"))
+
+
+def test_untimed_rows_are_timed_by_the_next_run_and_keep_their_other_figures(bench):
+    assert bench("--untimed") == (0, ["none", "algm"], [])
+    untimed = json.loads(row_file(bench.rows, "algm").read_text())["row"]
+    assert untimed["untimed"] is True and not any(k.startswith("ims_b") for k in untimed)
+    assert bench("--untimed") == (0, [], [])  # still a busy machine: nothing is timed
+    assert bench() == (0, [], ["none", "algm"])
+    timed = json.loads(row_file(bench.rows, "algm").read_text())["row"]
+    assert "untimed" not in timed and timed["ims_b1"] > 0 and timed["base_ims_b1"] > 0
+    assert {k: timed[k] for k in untimed if k != "untimed"} == {k: v for k, v in untimed.items() if k != "untimed"}
+    assert bench() == (0, [], [])

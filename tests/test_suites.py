@@ -4,7 +4,6 @@ import dataclasses
 import math
 import os
 
-import pandas as pd
 import pytest
 import torch
 import yaml
@@ -12,7 +11,9 @@ import yaml
 from algm.config import get_backbone, get_dataset
 from algm.methods import build_method
 from suites.definition import Setting, Suite, load_suite
-from suites.report import markdown_table, latex_table, reproduction_table, to_frame, write_reports
+from suites.records import RowRecord, efficiency, speedup_bound_of
+from suites.report import reproduction_table
+from suites.tables import latex_table, markdown_table
 from suites.plan import Row, RunOptions
 from suites.runner import row_key
 
@@ -207,80 +208,13 @@ def test_batch_key_is_read_and_checked(tmp_path):
 
 
 ROWS = [
-    dict(backbone="vit-s14", method="none", setting="none", gflops=40.0, ims_b1=10.0, ims_b8=12.0,
+    dict(dataset="camvid", backbone="vit-s14", method="none", setting="none", gflops=40.0, ims_b1=10.0, ims_b8=12.0,
          miou=60.0, miou_trained=60.0, tokens_kept_pct=100.0),
-    dict(backbone="vit-s14", method="algm", setting="algm(tau=0.9)", gflops=30.0, ims_b1=12.0,
+    dict(dataset="camvid", backbone="vit-s14", method="algm", setting="algm(tau=0.9)", options={"tau": 0.9}, gflops=30.0, ims_b1=12.0,
          ims_b8=15.0, miou=58.0, miou_trained=59.5, tokens_kept_pct=60.0),
-    dict(backbone="vit-s14", method="tome", setting="tome(r=8)", gflops=20.0, ims_b1=11.0,
+    dict(dataset="camvid", backbone="vit-s14", method="tome", setting="tome(r=8)", options={"r": 8}, gflops=20.0, ims_b1=11.0,
          ims_b8=16.0, miou=55.0, miou_trained=math.nan, tokens_kept_pct=40.0),
 ]
-
-
-def test_deltas_are_relative_to_the_backbone_baseline():
-    df = to_frame(ROWS).set_index("setting")
-    assert df.loc["algm(tau=0.9)", "d_gflops"] == pytest.approx(-25.0)
-    assert df.loc["algm(tau=0.9)", "speedup_b1"] == pytest.approx(1.2)
-    assert df.loc["tome(r=8)", "speedup_b8"] == pytest.approx(16 / 12)
-    assert df.loc["algm(tau=0.9)", "d_miou"] == pytest.approx(-0.5)
-    assert df.loc["tome(r=8)", "d_miou"] == pytest.approx(-5.0)
-
-
-def test_tables_mark_the_best_per_column():
-    md = markdown_table(to_frame(ROWS))
-    assert "**20.00**" in md  # lowest GFLOPs
-    assert "**12.00**" in md  # fastest at batch 1
-    assert "**60.0**" in md   # best mIoU
-    assert md.count("\n") == 2 + len(ROWS)
-    tex = latex_table(to_frame(ROWS))
-    assert r"\textbf{20.00}" in tex and r"\toprule" in tex and "$\\Delta$" in tex
-
-
-def test_write_reports_creates_every_file(tmp_path):
-    written = write_reports(ROWS, tmp_path, {"vit-s14": {"none": {"gflops": 40.0}}}, "test")
-    names = {p.name for p in written}
-    assert names == {"results.csv", "table.md", "table.tex", "miou_vs_gflops.png",
-                     "miou_vs_throughput.png", "reproduction.md"}
-    assert len(pd.read_csv(tmp_path / "results.csv")) == 3
-    assert "| vit-s14 | none |  | GFLOPs | 40.00 | 40.0 | 1.0000 | +0.00 |" in (tmp_path / "reproduction.md").read_text()
-    assert "took" not in (tmp_path / "table.md").read_text()
-    write_reports([dict(r, seconds=60.0 * (i + 1)) for i, r in enumerate(ROWS)], tmp_path, {}, "test")
-    assert "Measuring these rows took 6.0 min" in (tmp_path / "table.md").read_text()
-
-
-def test_reproduction_table_skips_rows_without_published_value():
-    text = reproduction_table(to_frame(ROWS), {"vit-s14": {"algm(tau=0.9)": {"gflops": 26.3, "miou": 59.0,
-                                                                          "speedup": 1.5}}})
-    assert "| vit-s14 | algm(tau=0.9) |  | GFLOPs | 30.00 | 26.3 | 1.1407 | +3.70 |" in text
-    assert "| vit-s14 | algm(tau=0.9) |  | mIoU | 58.00 | 59.0 | 0.9831 | -1.00 |" in text
-    assert "| vit-s14 | algm(tau=0.9) |  | speed-up b8 | 1.25 | 1.5 | 0.8333 | -0.25 |" in text
-    assert "tome" not in text
-
-
-def test_trained_checkpoint_rows_compare_their_own_miou_and_name_their_weights():
-    rows = [dict(r, weights="checkpoint", checkpoint="/c/ade20k/vit-s14/none/checkpoint.pth",
-                 checkpoint_sha256="0123456789ab", trained_with_method=False) for r in ROWS[:2]]
-    rows.append(dict(ROWS[1], weights="checkpoint", checkpoint="/c/ade20k/vit-s14/algm/checkpoint.pth",
-                     checkpoint_sha256="ba9876543210", trained_with_method=True, miou=math.nan,
-                     miou_trained=61.0))
-    df = to_frame(rows)
-    text = reproduction_table(df, {"vit-s14": {"algm(tau=0.9)": {"miou": 60.0}}})
-    assert "| none/checkpoint.pth 0123456789ab | mIoU | 58.00 | 60.0 |" in text
-    assert "| algm/checkpoint.pth ba9876543210, trained with the method | mIoU | 61.00 | 60.0 |" in text
-    md = markdown_table(df)
-    assert md.splitlines()[0].startswith("| backbone | method | setting | weights |")
-    assert "algm/checkpoint.pth ba9876543210, trained with the method" in md
-
-
-def test_contended_timings_are_marked_with_a_note():
-    rows = [dict(r) for r in ROWS]
-    assert "†" not in markdown_table(to_frame(rows))
-    rows[2].update(contended_b1=True, contended_b8=False)
-    md = markdown_table(to_frame(rows))
-    tome = next(line for line in md.splitlines() if "tome(r=8)" in line)
-    assert "11.00†" in tome and "1.10x†" in tome and "16.00†" not in tome
-    assert md.count("†") == 3 and "competed for the CPU" in md
-    tex = latex_table(to_frame(rows))
-    assert r"11.00$^\dagger$" in tex and r"\footnotesize $^\dagger$" in tex
 
 
 def test_contended_throughput_is_retimed(monkeypatch):
@@ -365,34 +299,6 @@ def test_attainable_times_a_zero_cost_reduction_to_the_timed_gflops_beside_the_r
     assert [len(m) for m in timed] == [1] and "attainable_ims_b2" not in row  # none has nothing to attain
 
 
-def test_speedup_uses_the_interleaved_baseline():
-    rows = [dict(r) for r in ROWS]
-    rows[1]["base_ims_b1"] = 8.0  # the baseline ran slower while this row was timed
-    df = to_frame(rows).set_index("setting")
-    assert df.loc["algm(tau=0.9)", "speedup_b1"] == pytest.approx(12 / 8)
-    assert df.loc["tome(r=8)", "speedup_b1"] == pytest.approx(11 / 10)
-    assert df.loc["none", "speedup_b1"] == pytest.approx(1.0)
-    # the plotted rate puts every row at the baseline row's pace
-    assert df.loc["algm(tau=0.9)", "paced_ims_b1"] == pytest.approx(15.0)
-    assert df.loc["none", "paced_ims_b1"] == pytest.approx(10.0)
-
-
-def test_efficiency_and_bound_use_the_gflops_of_the_timed_batch():
-    rows = [dict(ROWS[0], timed_gflops_b1=40.0, breakdown_batch=1, fixed_share=0.1),
-            dict(ROWS[1], timed_gflops_b1=32.0, breakdown_batch=1, fixed_share=0.2, overhead_share=0.01)]
-    df = to_frame(rows).set_index("setting")
-    # speed-up 12 / 10 over a GFLOPs ratio of 40 / 32 (the row's mean over frames is 30)
-    assert df.loc["algm(tau=0.9)", "efficiency_b1"] == pytest.approx(1.2 * 32 / 40)
-    assert df.loc["none", "efficiency_b1"] == pytest.approx(1.0)
-    assert "efficiency_b8" not in df  # no timed GFLOPs at b8: no ratio rather than a wrong one
-    assert df.loc["algm(tau=0.9)", "bound"] == pytest.approx(1 / (0.2 + 0.8 * 32 / 40))
-    md = markdown_table(to_frame(rows))
-    assert "| speed-up / GFLOPs ratio b1 |" in md and "| 0.96 |" in md
-    # rows cached before timed GFLOPs were recorded: the bound falls back to the row's GFLOPs
-    old = to_frame([{k: v for k, v in r.items() if k != "timed_gflops_b1"} for r in rows]).set_index("setting")
-    assert old.loc["algm(tau=0.9)", "bound"] == pytest.approx(1 / (0.2 + 0.8 * 30 / 40))
-
-
 def test_stale_sizes_are_contended_lack_their_timed_gflops_or_used_another_allocator():
     from algm.measure.allocator import POLICY
     from suites.definition import Throughput
@@ -428,22 +334,58 @@ def test_attainable_is_a_switch_that_leaves_row_keys_alone():
         assert str(err.value) == f"throughput.{name} must be true or false, got 'yes'"
 
 
-def test_attainable_speedup_is_over_the_interleaved_baseline(tmp_path):
-    rows = [dict(ROWS[0]), dict(ROWS[1], base_ims_b1=8.0, attainable_ims_b1=14.0, attainable_tokens_b1=400)]
-    df = to_frame(rows).set_index("setting")
-    assert df.loc["algm(tau=0.9)", "attainable_b1"] == pytest.approx(14 / 8)
-    assert pd.isna(df.loc["none", "attainable_b1"]) and "attainable_b8" not in df
-    md = markdown_table(to_frame(rows))
-    assert "| attainable speed-up b1 |" in md and "| 1.75x |" in md
-    write_reports(rows, tmp_path, {}, "test")
-    assert "Attainable speed-up: that of the baseline keeping evenly spread tokens" in (tmp_path / "table.md").read_text()
+def records(rows):
+    return [RowRecord.from_row(r) for r in rows]
 
 
-def test_table_notes_say_how_speedups_were_timed(tmp_path):
-    write_reports(ROWS, tmp_path, {}, "test")
-    assert "interleaved" not in (tmp_path / "table.md").read_text()
-    write_reports([dict(r, base_ims_b1=9.0) for r in ROWS], tmp_path, {}, "test")
-    assert "timed interleaved with it" in (tmp_path / "table.md").read_text()
+def test_reproduction_table_skips_rows_without_published_value():
+    rows = [dict(r, base_ims_b8=12.0) if r["method"] != "none" else r for r in ROWS]
+    text = reproduction_table(records(rows), {"vit-s14": {"algm(tau=0.9)": {"gflops": 26.3, "miou": 59.0,
+                                                                         "speedup": 1.5}}})
+    assert "| vit-s14 | algm(tau=0.9) |  | GFLOPs | 30.00 | 26.3 | 1.1407 | +3.70 |" in text
+    assert "| vit-s14 | algm(tau=0.9) |  | mIoU | 58.00 | 59.0 | 0.9831 | -1.00 |" in text
+    assert "| vit-s14 | algm(tau=0.9) |  | speed-up b8 | 1.25 | 1.5 | 0.8333 | -0.25 |" in text
+    assert "tome" not in text
+
+
+def test_trained_checkpoint_rows_compare_their_own_miou_and_name_their_weights():
+    rows = [dict(r, weights="checkpoint", checkpoint="/c/ade20k/vit-s14/none/checkpoint.pth",
+                 checkpoint_sha256="0123456789ab", trained_with_method=False) for r in ROWS[:2]]
+    rows.append(dict(ROWS[1], weights="checkpoint", checkpoint="/c/ade20k/vit-s14/algm/checkpoint.pth",
+                     checkpoint_sha256="ba9876543210", trained_with_method=True, miou=math.nan,
+                     miou_trained=61.0))
+    text = reproduction_table(records(rows), {"vit-s14": {"algm(tau=0.9)": {"miou": 60.0}}})
+    assert "| none/checkpoint.pth 0123456789ab | mIoU | 58.00 | 60.0 |" in text
+    assert "| algm/checkpoint.pth ba9876543210, trained with the method | mIoU | 61.00 | 60.0 |" in text
+    md = markdown_table(records(rows))
+    assert "| tau=0.9, trained model | 30.00 (-25.0 %) |" in md and "61.0 (+1.0)" in md
+
+
+def test_contended_timings_are_marked_with_a_note():
+    rows = [dict(r, base_ims_b1=10.0, base_ims_b8=12.0) if r["method"] != "none" else dict(r) for r in ROWS]
+    assert "†" not in markdown_table(records(rows))
+    rows[2].update(contended_b1=True, contended_b8=False)
+    md = markdown_table(records(rows))
+    tome = next(line for line in md.splitlines() if "| r=8 |" in line)
+    assert "11.00†" in tome and "1.10×†" in tome and "16.00†" not in tome
+    assert md.count("†") == 3 and "competed for the CPU" in md
+    tex = latex_table(records(rows), "c", "tab:t")
+    assert r"11.00$^\dagger$" in tex and r"$^\dagger$ timed while" in tex
+
+
+def test_efficiency_and_bound_use_the_gflops_of_the_timed_batch():
+    rows = [dict(ROWS[0], timed_gflops_b1=40.0, breakdown_batch=1, fixed_share=0.1),
+            dict(ROWS[1], base_ims_b1=10.0, timed_gflops_b1=32.0, breakdown_batch=1, fixed_share=0.2,
+                 overhead_share=0.01)]
+    base, algm = records(rows)
+    # speed-up 12 / 10 over a GFLOPs ratio of 40 / 32 (the row's mean over frames is 30)
+    assert efficiency(algm, base, 1) == pytest.approx(1.2 * 32 / 40)
+    assert efficiency(base, base, 1) == pytest.approx(1.0)
+    assert math.isnan(efficiency(algm, base, 8))  # no timed GFLOPs at b8: no ratio rather than a wrong one
+    assert speedup_bound_of(algm, base) == pytest.approx(1 / (0.2 + 0.8 * 32 / 40))
+    # rows cached before timed GFLOPs were recorded: the bound falls back to the row's GFLOPs
+    old = RowRecord.from_row({k: v for k, v in rows[1].items() if k != "timed_gflops_b1"})
+    assert speedup_bound_of(old, base) == pytest.approx(1 / (0.2 + 0.8 * 30 / 40))
 
 
 def test_random_weight_rows_are_seeded():

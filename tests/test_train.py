@@ -10,14 +10,16 @@ import pytest
 import torch
 
 import algm.atomic
+import algm.data.datasets
 import algm.training.head as head_mod
 from algm.build import Setup, make_setup
 from algm.config import DatasetSpec, DecoderConfig, ViTConfig
 from algm.data.datasets import DEFAULT_CAMVID_ROOT, Sample, build_dataset
 from algm.data.windows import tiles
 from algm.model.segmenter import build_segmenter
-from algm.reduction import TokenReduction
-from algm.training.features import collate, extract_features
+from algm.reduction import TokenReduction, TrainingContext
+from algm.training.features import (collate, extract_features, extract_layer_features, frozen_layer_features,
+                                    layer_tokens)
 from algm.training.head import TrainConfig, load_head, train_head, trained_head_path
 from algm.training.loop import Schedule
 
@@ -462,11 +464,11 @@ def test_a_damaged_cached_evaluation_is_moved_aside_and_recomputed(tmp_path, mon
     setup = tiny_setup()
     monkeypatch.setattr(head_mod, "build_dataset", lambda *a, **k: FakeData(2))
     monkeypatch.setattr(FakeData, "classes", tuple("abc"), raising=False)
-    (tmp_path / "eval-val.json").write_text(cached)
+    (tmp_path / "eval-pct-val.json").write_text(cached)
     row = head_mod.evaluate_head(setup, "val", folder=tmp_path, progress=False)
-    assert 0 <= row["miou"] <= 1 and row["n_images"] == 2
-    assert json.loads((tmp_path / "eval-val.json").read_text())["miou"] == row["miou"]
-    assert (tmp_path / "eval-val.json.bad").read_text() == cached
+    assert 0 <= row["miou"] <= 100 and row["n_images"] == 2
+    assert json.loads((tmp_path / "eval-pct-val.json").read_text())["miou"] == row["miou"]
+    assert (tmp_path / "eval-pct-val.json.bad").read_text() == cached
 
 
 @pytest.mark.parametrize("field", ["lr", "weight_decay", "scale_lr_mult", "warmup"])
@@ -474,3 +476,82 @@ def test_a_damaged_cached_evaluation_is_moved_aside_and_recomputed(tmp_path, mon
 def test_non_finite_hyper_parameters_are_refused_before_training(field, value):
     with pytest.raises(ValueError, match=f"^{field.replace('_', ' ')} must be a finite number, got {value}$"):
         TrainConfig(**{field: value})
+
+
+# ------------------------------------------------------------------ tokens after chosen blocks
+def count_layer_batches(encoder):
+    """The list of the image batches (B, 3, h, w) ``encoder.start`` gets from now on."""
+    calls = []
+    start = encoder.start
+
+    def counted(images, *args, **kwargs):
+        calls.append(images)
+        return start(images, *args, **kwargs)
+
+    encoder.start = counted
+    return calls
+
+
+def test_layer_features_are_one_forward_per_frame_cached_and_keyed(tmp_path, capsys):
+    data, encoder = FakeData(6), tiny_setup().model.encoder
+    calls = count_layer_batches(encoder)
+
+    def extract(layers=(1, 2), data=data, encoder=encoder):
+        return extract_layer_features(encoder, data, layers, WINDOW, dataset="fake", split="train",
+                                      cache=tmp_path, progress=False)
+
+    first = extract()
+    assert [len(c) for c in calls] == [4, 2]  # every frame once, 4 frames per forward
+    assert first.features.shape == (6, 2, 24, 32) and first.features.dtype == torch.float16
+    assert first.grid == (4, 6) and first.n_frames == 6 and first.extract_seconds > 0
+    images = torch.cat([x for s in data.samples for x, _ in tiles(s.image, WINDOW, TINY.mean, TINY.std)])
+    assert torch.equal(first.features, layer_tokens(encoder, images, (1, 2)).half())
+    assert torch.equal(first.labels.long(), torch.stack([s.label for s in data.samples]))
+    calls.clear()
+    again = extract()
+    assert calls == [] and again.extract_seconds == 0 and again.path == first.path
+    assert torch.equal(again.features, first.features) and torch.equal(again.labels, first.labels)
+    index = json.loads((first.path / "index.json").read_text())
+    assert index["layers"] == [1, 2] and index["n_items"] == 6
+    # other blocks, frames or encoder weights: another entry
+    assert extract(layers=(2,)).path != first.path
+    assert extract(data=FakeData(5)).path != first.path
+    assert extract(encoder=tiny_setup(seed=1).model.encoder).path != first.path
+
+    # A damaged frame (here: non-finite numbers) is moved aside; its whole batch of
+    # frames is encoded again, so its numbers are those of the uninterrupted run.
+    frame = first.path / "000005.pt"
+    blob = torch.load(frame, weights_only=True)
+    blob["items"][0]["x"][0, 0, 0] = float("nan")
+    torch.save(blob, frame)
+    (first.path / "000001.pt").unlink()
+    calls.clear()
+    healed = extract()
+    assert [len(c) for c in calls] == [4, 2]
+    assert torch.equal(healed.features, first.features)
+    assert (first.path / "000005.pt.bad").is_file() and (first.path / "000001.pt").is_file()
+    assert f"damaged cache entry {frame} (ValueError: x holds non-finite values)" in capsys.readouterr().err
+
+
+def test_layer_features_through_the_context(tmp_path, monkeypatch):
+    """What a method's training gets: the data opened first (from the context's root),
+    then the framework's encoder for the context's window (None: the dataset's)."""
+    monkeypatch.setenv("ALGM_BENCH_CACHE", str(tmp_path))
+    order = []
+    monkeypatch.setattr(algm.data.datasets, "build_dataset",
+                        lambda name, split, root=None, limit=None: order.append(("data", name, split, root, limit))
+                        or FakeData(limit))
+    encoder = tiny_setup().model.encoder
+
+    def frozen_encoder(backbone, window):
+        order.append(("encoder", backbone, window))
+        return encoder
+
+    context = TrainingContext(data_root="/data", progress=False, frozen_encoder=frozen_encoder,
+                              layer_cache=frozen_layer_features)
+    feats = context.layer_features(TINY, SPEC, (2,), split="val", limit=3)
+    assert order == [("data", "fake", "val", "/data", 3), ("encoder", "tiny", WINDOW)]
+    assert feats.features.shape == (3, 1, 24, 32) and feats.path.is_relative_to(tmp_path / "layers")
+    with pytest.raises(ValueError, match=r"^this training needs the framework's frozen encoder and its feature "
+                                         r"cache \(TrainingContext.frozen_encoder and .layer_cache\)$"):
+        TrainingContext(frozen_encoder=frozen_encoder).layer_features(TINY, SPEC, (2,))

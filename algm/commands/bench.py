@@ -1,4 +1,5 @@
-"""``algm-bench bench``: run a suite and write its reports under ``results/<suite>/``."""
+"""``algm-bench bench``: run a suite and write its report set (:func:`suites.report.run_and_report`)
+under ``./results/<suite>/``."""
 
 from __future__ import annotations
 
@@ -6,11 +7,8 @@ import argparse
 import os
 from pathlib import Path
 
-from algm import atomic, distributed
-from algm.commands.common import add_nproc_argument, device, has_weights
+from algm.commands.common import DATA_ROOT_HELP, add_nproc_argument, device
 from algm.fetch import CHECKPOINTS_ENV, checkpoints_dir
-
-REPO_RESULTS = Path(__file__).resolve().parents[2] / "results"
 
 
 def check_writable(out: Path) -> None:
@@ -22,15 +20,14 @@ def check_writable(out: Path) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "bench", help="run a benchmark suite and write CSV, tables and plots",
+        "bench",
         description="Run every row of a suite (suites/<dataset>.yaml): GFLOPs, images/s, mIoU "
                     "(off-the-shelf and trained-with-method heads) and tokens kept. Finished "
                     "rows are cached by their full config, so a killed run resumes.",
     )
     p.add_argument("--dataset", default="camvid",
                    help="suite name (suites/<name>.yaml) or a path to a suite YAML (default: camvid)")
-    p.add_argument("--data-root", default=None,
-                   help="dataset root (default: $DATA_ROOT; CamVid: ../shared/data/camvid)")
+    p.add_argument("--data-root", default=None, help=DATA_ROOT_HELP)
     p.add_argument("--flops-only", action="store_true",
                    help="only GFLOPs (random weights for the baseline; methods that adapt to "
                         "the image also need the data)")
@@ -43,65 +40,47 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="only these backbones of the suite, e.g. vit-s16,vit-b16")
     p.add_argument("--device", type=device, default="cpu", help="device for throughput (default: cpu)")
     add_nproc_argument(p)
-    p.add_argument("--out", default=None, help="output folder (default: results/<suite>)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: results/<suite> under the current directory)")
     p.add_argument("--fresh", action="store_true", help="recompute every row even if cached")
     p.add_argument("--fresh-method", action="append", default=[], metavar="METHOD",
                    help="recompute the rows of this method only (repeatable)")
+    p.add_argument("--untimed", action="store_true",
+                   help="GFLOPs, mIoU and training now, no timing: a later run without it times "
+                        "the cached rows (measure on a busy machine, time on a quiet one)")
+    p.add_argument("--report-only", action="store_true",
+                   help="measure nothing: write the report set from the suite's cached rows")
+    p.add_argument("--update-reference", action="store_true",
+                   help="allow writing into a folder holding a committed reference report (a REFERENCE file)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from algm import distributed
     from suites.definition import load_suite
-    from suites.report import publish, staging_dir, write_reports
     from suites.plan import RunOptions
-    from suites.runner import run_suite, write_machine
+    from suites.report import check_reference, run_and_report
 
     suite = load_suite(args.dataset)
     unknown = sorted(set(args.fresh_method) - {s.method for s in suite.settings})
     if unknown:
         raise ValueError(f"--fresh-method {unknown[0]}: suite {suite.name} has no such method; its methods: "
                          f"{', '.join(dict.fromkeys(s.method for s in suite.settings))}")
+    out = Path(args.out) if args.out else Path.cwd() / "results" / suite.name
+    check_reference(out, args.update_reference)  # before hours of measuring, not after
     distributed.init()
     if args.checkpoints and not Path(args.checkpoints).is_dir():
         raise NotADirectoryError(f"--checkpoints {args.checkpoints}: no such folder (expected "
                                  f"<dir>/{suite.dataset}/<backbone>/<method>/checkpoint.pth)")
     checkpoints = checkpoints_dir(args.checkpoints)
-    out = Path(args.out) if args.out else REPO_RESULTS / suite.name
-    check_writable(out)  # before hours of measuring, not after
+    check_writable(out)
     opts = RunOptions(data_root=args.data_root, flops_only=args.flops_only, device=args.device,
                       fresh=args.fresh, fresh_methods=tuple(args.fresh_method),
                       progress=not args.no_progress, checkpoints=str(checkpoints),
-                      backbones=args.backbones)
-    rows = run_suite(suite, opts)
-    if not distributed.is_main():
-        return 0
-    title = f"{suite.name}: {suite.dataset} {suite.split}" + (" (GFLOPs only)" if args.flops_only else "")
-    with staging_dir(out) as staging:  # the whole report set, or the old one stays
-        write_reports(rows, staging, suite.published, title)
-        if suite.gallery and not args.flops_only:
-            write_suite_gallery(suite, staging, args.data_root)
-        write_machine(staging, opts)
-        written = publish(staging, out)
-    for path in written:
+                      backbones=args.backbones, untimed=args.untimed)
+    written = run_and_report(suite, opts, out, report_only=args.report_only,
+                             update_reference=args.update_reference)
+    for path in written or ():
         print(path)
     return 0
-
-
-def write_suite_gallery(suite, out: Path, data_root: str | None) -> Path:
-    """Token maps of every method of the suite (default settings) on the fixed CamVid
-    frames, linked from table.md."""
-    from algm.pictures.gallery import gallery_frames, method_variants, write_gallery
-    from suites.definition import Setting
-    from suites.measure import setup_for
-
-    backbone = suite.backbones[0]
-    base = setup_for(suite, backbone, Setting("none"), pretrained=has_weights(backbone))
-    methods = list(dict.fromkeys(s.method for s in suite.settings))
-    models = method_variants(base.model, base.backbone, base.dataset, methods)
-    path = write_gallery(models, gallery_frames(root=data_root), out / "gallery.png", window=base.window)
-    table = out / "table.md"
-    atomic.write_text(table, table.read_text() + (
-        f"\n## Token maps\n\nEach method at its default setting on fixed {suite.dataset} "
-        f"{suite.split} frames ({backbone}):\n\n![token maps](gallery.png)\n"))
-    return path

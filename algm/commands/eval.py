@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from algm import distributed
 from algm.commands.common import (add_data_arguments, add_model_arguments, add_nproc_argument,
-                                  default_device, device, emit, no_head_message, positive_int,
+                                  check_data, device, emit, no_head_message, positive_int,
                                   setup_from_args, setup_with_decoder)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "eval", help="mIoU with sliding-window inference",
+        "eval",
         description="Sliding-window mIoU (window = crop, stride = crop - 32 or the checkpoint's "
                     "window_stride, cut to the window where longer; overlapping logits averaged) at the dataset's test scale, one "
                     "confusion matrix over the split. The decoder is an official --checkpoint's "
@@ -27,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window-batch-size", type=positive_int, default=1,
                    help="windows of one image per forward; the authors' evaluation batches 4, so "
                         "ALGM's batch minimum acts across them (default: 1, every window alone)")
-    p.add_argument("--device", type=device, default=default_device(),
+    p.add_argument("--device", type=device, default="auto",
                    help="torch device (default: cuda if available, else cpu; under torchrun "
                         "cuda means cuda:LOCAL_RANK)")
     add_nproc_argument(p)
@@ -37,16 +36,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from algm import distributed
     from algm.data.datasets import build_dataset, check_files
     from algm.data.windows import covering_stride
     from algm.evaluate import evaluate
 
     distributed.init()
+    dataset = check_data(args, args.split, args.limit)  # before the model
     setup = setup_with_decoder(args)
     if setup is None:
         raise FileNotFoundError(no_head_message(setup_from_args(args, method="none"), args.decoder))
-    dataset = build_dataset(setup.dataset.name, args.split, root=args.data_root, limit=args.limit)
-    check_files(dataset)  # the first unreadable file fails now, naming it
+    if dataset is None:  # the --checkpoint's dataset
+        dataset = build_dataset(setup.dataset.name, args.split, root=args.data_root, limit=args.limit)
+        check_files(dataset)  # the first unreadable file fails now, naming it
     stride, note = covering_stride(setup.window, setup.stride)  # e.g. --crop under a checkpoint's stride
     if note and distributed.is_main():
         print(f"algm-bench eval: note: {note}", file=sys.stderr)
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     }
     emit(out, args.json, [
         f"{setup.backbone.name} / {setup.dataset.name} {args.split} / {model.method.label()}: mIoU "
-        f"{result.miou * 100:.2f}  acc {result.acc * 100:.2f}  ({result.n_images} images)",
-    ] + [f"  {name:>14s} {iou * 100:6.2f}" if iou is not None else f"  {name:>14s}      -"
+        f"{result.miou:.2f}  acc {result.acc:.2f}  ({result.n_images} images)",
+    ] + [f"  {name:>14s} {iou:6.2f}" if iou is not None else f"  {name:>14s}      -"
          for name, iou in out["per_class_iou"].items()])
     return 0

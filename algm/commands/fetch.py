@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from algm.commands.common import comma_list
 from algm.config import DATASETS
 
 # The suites package sits beside algm (installed or in a checkout); found by path, not by
@@ -12,17 +13,9 @@ from algm.config import DATASETS
 DEFAULT_MANIFEST = Path(__file__).resolve().parents[2] / "suites" / "zoo.yaml"
 
 
-def comma_list(text: str) -> list[str]:
-    """argparse type: ``"a,b"`` -> ["a", "b"]."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of names, got {text!r}")
-    return names
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "fetch", help="download the public Segmenter / ALGM checkpoints and the data set",
+        "fetch",
         description="Download a dataset's public checkpoints (suites/zoo.yaml) into "
                     "<checkpoints>/<dataset>/<backbone>/<method>/{checkpoint.pth,variant.yml} "
                     "(method 'none': the Segmenter baseline) and, with --data, the data set into "

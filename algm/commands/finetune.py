@@ -8,7 +8,7 @@ import math
 import sys
 
 from algm.commands.common import (add_data_arguments, add_model_arguments, add_training_output_arguments,
-                                  default_device, device, emit, no_head_message, positive_int,
+                                  device, emit, no_head_message, positive_int,
                                   setup_from_args, setup_with_decoder)
 from algm.fetch import layout_dir
 from algm.training.finetune import PRECISIONS, FinetuneConfig, finetune, items_per_epoch
@@ -18,7 +18,7 @@ DEFAULTS = FinetuneConfig()
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "finetune", help="fine-tune encoder + decoder with a method active (official-format checkpoint)",
+        "finetune",
         description="Fine-tune the segmenter with the token-reduction method in the forward pass, as "
                     "the paper trains ALGM: SGD (momentum 0.9), poly learning-rate decay per "
                     "iteration, random rescale 0.5-2.0 / crop / flip. The start model is --checkpoint, "
@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision,
                    help="fp32 or bf16 autocast; auto: bf16 on CUDA and on CPUs with bf16 "
                         "instructions, else fp32 (default: auto)")
-    g.add_argument("--device", type=device, default=default_device(),
+    g.add_argument("--device", type=device, default="auto",
                    help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--out", default=None, help="output folder (default: finetuned/<dataset>/<backbone>/<method>)")
     g.add_argument("--overwrite", action="store_true", help="replace another model in --out")
@@ -104,6 +104,6 @@ def run(args: argparse.Namespace) -> int:
                        progress=not args.quiet)
         setup.model.to("cpu")
         out_json["eval"] = {"split": args.eval_split, "miou": res.miou, "acc": res.acc, "images": res.n_images}
-        lines.append(f"mIoU on {setup.dataset.name} {args.eval_split} ({res.n_images} images): {100 * res.miou:.2f}")
+        lines.append(f"mIoU on {setup.dataset.name} {args.eval_split} ({res.n_images} images): {res.miou:.2f}")
     emit(out_json, args.json, lines)
     return 0

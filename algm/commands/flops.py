@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from algm.commands.common import add_data_arguments, add_model_arguments, emit, has_weights, setup_from_args
-from algm.measure.flops import average_flops, count_flops
+from algm.commands.common import (add_data_arguments, add_model_arguments, check_data, emit, gflops_per_image,
+                                  has_weights, setup_from_args)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "flops", help="count GFLOPs (fvcore, batch 1)",
+        "flops",
         description="Count GFLOPs with fvcore at batch 1: encoder + decoder + restore + upsample, "
                     "one window-sized forward. Methods whose token counts depend on the image "
                     "are averaged over --limit images of the split; "
@@ -29,22 +27,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     content_dependent = args.method != "none"
-    setup = setup_from_args(args, pretrained=args.pretrained or (content_dependent and has_weights(args.backbone)))
-    model = setup.model.eval()
+    limit = args.limit if args.limit is not None else 20
     if content_dependent:
-        limit = args.limit if args.limit is not None else 20
-        images = setup.split_windows(args.split, limit, args.data_root)
-
-        def signature(image):
-            with torch.no_grad():
-                return tuple(model.run(image).tokens[0].tolist())
-
-        gflops, per_image = average_flops(model, images, signature)
-    else:
-        h, w = setup.window
-        gflops = count_flops(model, torch.randn(1, 3, h, w))
-        per_image = [gflops]
+        check_data(args, args.split, limit)
+    setup = setup_from_args(args, pretrained=args.pretrained or (content_dependent and has_weights(args.backbone)))
+    images = setup.split_windows(args.split, limit, args.data_root) if content_dependent else None
+    per_image = gflops_per_image(setup.model, setup.window, images)
+    gflops = sum(per_image) / len(per_image)
     result = {
         "gflops": gflops,
         "gflops_std": float(torch.tensor(per_image).std()) if len(per_image) > 1 else 0.0,

@@ -24,17 +24,18 @@ import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-import numpy as np
-import torch
-
-from algm.commands.common import (add_model_arguments, default_device, device, no_head_message,
+from algm.commands.common import (DATA_ROOT_HELP, add_model_arguments, device, no_head_message,
                                   setup_from_args, setup_with_decoder)
 from algm.config import DatasetSpec, ViTConfig
 from algm.files import regular_file
-from algm.methods import methods
-from algm.pictures.predict import Prediction
+from algm.methods import method_name, method_names, methods
+
+if TYPE_CHECKING:  # numpy, torch and the model load when the command runs
+    import numpy as np
+
+    from algm.pictures.predict import Prediction
 
 RANDOM_DECODER = "RANDOM decoder (no trained head yet): the prediction means nothing"
 
@@ -43,15 +44,14 @@ def _add_weights_arguments(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("weights")
     group.add_argument("--head", default=None, help="head.pt written by `algm-bench train-head`")
     group.add_argument("--data-root", default=None,
-                       help="dataset root, used to find the suite's off-the-shelf head "
-                            "(default: $DATA_ROOT; CamVid: ../shared/data/camvid)")
-    group.add_argument("--device", type=device, default=default_device(),
+                       help="dataset root, used to find the suite's off-the-shelf head; " + DATA_ROOT_HELP)
+    group.add_argument("--device", type=device, default="auto",
                        help="torch device (default: cuda if available, else cpu)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "predict", help="prediction, overlay and token-map pictures of images",
+        "predict",
         description="For every --image write <name>_pred.png (palette PNG: the colours of the "
                     "dataset, pixel values = class indices, at the image's scale over the centre "
                     "window the model saw: the whole image where the window covers it), "
@@ -70,15 +70,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_predict)
 
     c = sub.add_parser(
-        "compare-methods", help="none vs every method side by side on one image",
+        "compare-methods",
         description="One figure: a column per method at its default setting (none first), "
                     "the prediction over the image on top and the token map below, with "
                     "the tokens kept. All methods share the encoder and decoder weights.",
     )
     c.add_argument("--image", required=True, metavar="PATH", help="image file")
     c.add_argument("--out", required=True, help="figure file, e.g. fig.png (.pdf, .svg work too)")
-    c.add_argument("--methods", nargs="+", default=list(methods()), choices=list(methods()),
-                   metavar="METHOD", help=f"columns, in order (default: {' '.join(methods())})")
+    c.add_argument("--methods", nargs="+", default=None, type=method_name, metavar="METHOD",
+                   help=f"columns, in order (default: every method: {' '.join(method_names())})")
     add_model_arguments(c, methods=False)
     _add_weights_arguments(c)
     c.set_defaults(func=run_compare, method="none")
@@ -101,6 +101,8 @@ def load_for_pictures(args: argparse.Namespace) -> Loaded:
     """The model of ``--checkpoint`` / ``--head`` / the off-the-shelf head
     (:func:`~algm.commands.common.setup_with_decoder`); without any trained head a seeded
     random decoder on the real encoder, with a warning."""
+    import torch
+
     torch.manual_seed(0)  # a random decoder, if it comes to that, is the same every run
     setup = setup_with_decoder(args)
     if setup is not None:
@@ -199,7 +201,7 @@ def run_compare(args: argparse.Namespace) -> int:
     classes, palette = class_meta(loaded.dataset.name, loaded.model.n_cls)
     image = read_image(args.image)
     model = loaded.model.to(args.device)
-    variants = method_variants(model, loaded.backbone, loaded.dataset, args.methods)
+    variants = method_variants(model, loaded.backbone, loaded.dataset, args.methods or list(methods()))
     preds = {label: predict(variant.to(args.device), image, loaded.window) for label, variant in variants.items()}
     if not preds:
         raise ValueError("no method to compare: every one chosen still needs training")

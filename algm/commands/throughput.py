@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-import torch
+from algm.commands.common import (add_data_arguments, add_model_arguments, check_data, device, emit, has_weights,
+                                  setup_from_args)
 
-from algm.commands.common import default_device, device, add_data_arguments, add_model_arguments, emit, has_weights, setup_from_args
-from algm.measure.breakdown import Breakdown, measure_breakdown
-from algm.measure.flops import count_flops
-from algm.measure.throughput import CONTENDED_BELOW, measure_throughput
+if TYPE_CHECKING:
+    from algm.measure.breakdown import Breakdown
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "throughput", help="measure images/s",
+        "throughput",
         description="Time whole forwards (encoder, decoder, restore, upsample) under no_grad/eval "
                     "after a warm-up, synchronising the device around each timed forward. "
                     "images/s = batch / mean latency; median and spread are reported too.",
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-kind", default="mixed", choices=["mixed", "repeated"],
                    help="mixed: distinct frames of the split; repeated: one frame repeated "
                         "(the authors' protocol, every copy merges alike) (default: mixed)")
-    p.add_argument("--device", type=device, default=default_device(),
+    p.add_argument("--device", type=device, default="auto",
                    help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="fp32 (default) or autocast to bf16 / fp16")
@@ -47,6 +47,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from algm.measure.breakdown import measure_breakdown
+    from algm.measure.flops import count_flops
+    from algm.measure.throughput import CONTENDED_BELOW, measure_throughput
+
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.breakdown and args.compile:
@@ -55,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     precision = args.precision
     if args.amp:
         precision = "fp16" if device.type == "cuda" else "bf16"
+    check_data(args, args.split)
     setup = setup_from_args(args, pretrained=has_weights(args.backbone))
     batch = setup.batch(args.split, args.batch_size, args.batch_kind, args.data_root)
     # an adaptive method's GFLOPs depend on the frames: these are the timed batch's own

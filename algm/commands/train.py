@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import argparse
 
-from algm.build import DEFAULT_BACKBONE, DEFAULT_DATASET, frozen_encoder
-from algm.config import BACKBONES, DATASETS, get_backbone, get_dataset, parse_crop
+from algm.commands.common import DATA_ROOT_HELP
+from algm.config import (BACKBONES, DATASETS, DEFAULT_BACKBONE, DEFAULT_DATASET, get_backbone, get_dataset,
+                         parse_crop)
 from algm.methods import add_method_arguments, method_class, method_config, method_options
-from algm.reduction import TrainingContext
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``train`` (``args.func(args)`` runs it and returns 0)."""
     p = sub.add_parser(
-        "train", help="train the parts a method needs (e.g. --method prune, --method cts --policy learned)",
+        "train",
         description="Train what --method needs besides the decoder head, on the frozen encoder with "
                     "real weights, into the cache where the method finds it. Only the missing parts "
                     "train, unless --retrain. A retrained part gives the method a new identity, so "
@@ -24,8 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default=DEFAULT_DATASET, choices=list(DATASETS),
                    help=f"dataset whose train split trains the parts (default: {DEFAULT_DATASET})")
     p.add_argument("--crop", default=None, help="window N or HxW (default: the dataset's)")
-    p.add_argument("--data-root", default=None,
-                   help="dataset root (default: $DATA_ROOT; CamVid: ../shared/data/camvid)")
+    p.add_argument("--data-root", default=None, help=DATA_ROOT_HELP)
     p.add_argument("--retrain", action="store_true", help="train every part again, even those already there")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_method_arguments(p)
@@ -33,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from algm.training.features import training_context
+
     backbone, dataset = get_backbone(args.backbone), get_dataset(args.dataset)
     cls = method_class(args.method)
     config = method_config(args.method, **method_options(args, args.method))
@@ -42,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.method}: nothing to train" + (f" ({len(every)} part(s) already trained; --retrain "
                                                      f"trains them again)" if every else ""))
         return 0
-    context = TrainingContext(data_root=args.data_root, window=parse_crop(args.crop) if args.crop else None,
-                              progress=not args.quiet, frozen_encoder=frozen_encoder)
+    context = training_context(args.data_root, parse_crop(args.crop) if args.crop else None,
+                               progress=not args.quiet)
     for task in tasks:
         if not args.quiet:
             print(f"training {task.name}")

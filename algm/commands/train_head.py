@@ -13,7 +13,7 @@ from algm.training.head import (
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train-head", help="train the decoder on the frozen encoder (cached features), report mIoU",
+        "train-head",
         description="Train the mask-transformer (or linear) decoder on the frozen encoder with a "
                     "token-reduction method active. The encoder runs once per training window "
                     "and its final token state is cached on disk (keyed by backbone, weights, "
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
                             folder=path.parent, progress=not args.quiet)
         result["eval"] = {k: row[k] for k in ("split", "miou", "acc", "n_images", "per_class_iou")}
         lines.append(f"mIoU on {setup.dataset.name} {args.eval_split} ({row['n_images']} images): "
-                     f"{100 * row['miou']:.2f}  (pixel acc {100 * row['acc']:.2f})")
+                     f"{row['miou']:.2f}  (pixel acc {row['acc']:.2f})")
     emit(result, args.json, lines)
     return 0
 

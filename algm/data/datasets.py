@@ -6,8 +6,10 @@ indices ``0..n_cls-1`` and ``ignore_index`` for pixels no metric counts, ``name`
 frame id. Labels are remapped on load (ADE20K and Pascal Context 59 reduce the zero
 label, mmsegmentation's convention), so every consumer sees the same convention.
 
-Where the data lives: the ``root`` argument, else ``$DATA_ROOT``, else (CamVid only)
-``../shared/data/camvid`` next to the repository. For the fixed layouts the root is the
+Where the data lives: the ``root`` argument, else ``$DATA_ROOT``, else
+``<data home>/<dataset>`` (:func:`default_root`), the data home being ``$ALGM_BENCH_DATA``,
+else ``data/`` in the cache folder (``$ALGM_BENCH_CACHE``, ``~/.cache/algm-bench``): where
+``algm-bench fetch --data`` puts it. For the fixed layouts the root is the
 folder that *contains* the layout's top folder (e.g. the one holding
 ``ADEChallengeData2016``); for CamVid and Cityscapes it is the dataset folder itself.
 A missing or malformed root fails at construction with the expected tree; a label value
@@ -33,15 +35,14 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-import algm
+from algm.cache import cache_dir
 from algm.config import get_dataset
 from algm.files import read_text, regular_file
 from algm.data.classes import (
     CAMVID_CLASSES, CAMVID_PALETTE, ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, PASCAL_CONTEXT_CLASSES, PASCAL_CONTEXT_PALETTE, COCO_STUFF_CLASSES, COCO_STUFF_PALETTE,
 )
 
-REPO_ROOT = Path(algm.__file__).resolve().parents[1]
-DEFAULT_CAMVID_ROOT = (REPO_ROOT / ".." / "shared" / "data" / "camvid").resolve()
+DATA_ENV = "ALGM_BENCH_DATA"
 
 Files = list[tuple[Path, Path, str]]  # (image path, label path, frame name)
 LABEL_CHANNELS = "a label must be a single-channel image of class indices"
@@ -223,14 +224,30 @@ def build_dataset(name: str, split: str, root: str | Path | None = None, limit: 
 
 
 def resolve_root(name: str, root: str | Path | None = None) -> Path:
-    """``root`` if given, else ``$DATA_ROOT``, else the CamVid default (other datasets: error)."""
+    """``root`` if given, else ``$DATA_ROOT``, else :func:`default_root`."""
     root = root if root is not None else os.environ.get("DATA_ROOT") or None
-    if root is not None:
-        return Path(root).expanduser()
-    if name == "camvid":
-        return DEFAULT_CAMVID_ROOT
-    raise FileNotFoundError(f"{name}: no data root; pass --data-root (root=) or set DATA_ROOT to the "
-                            f"folder with this layout:\n{one_line(_LOADERS[name].layout)}")
+    return Path(root).expanduser() if root is not None else default_root(name)
+
+
+def data_home() -> Path:
+    """The folder holding one root per dataset: ``$ALGM_BENCH_DATA``, else ``<cache>/data``
+    (not created: only ``fetch --data`` writes there)."""
+    home = os.environ.get(DATA_ENV) or None
+    return Path(home).expanduser() if home is not None else cache_dir() / "data"
+
+
+def default_root(name: str) -> Path:
+    """Dataset ``name``'s root when none is given: ``<data home>/<name>``."""
+    get_dataset(name)  # an unknown name fails here, listing the known ones
+    return data_home() / name
+
+
+def __getattr__(attr: str):
+    """``DEFAULT_CAMVID_ROOT``: the CamVid default root, resolved when read (the
+    environment may change after import)."""
+    if attr == "DEFAULT_CAMVID_ROOT":
+        return default_root("camvid")
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
 def one_line(layout: str) -> str:
@@ -354,7 +371,7 @@ def _cocostuff(root: Path, split: str):
 
 _LOADERS: dict[str, _Loader] = {
     "camvid": _Loader(_camvid, """\
-  <root>/                       (default: ../shared/data/camvid beside the repository)
+  <root>/                       (default: $ALGM_BENCH_DATA/camvid, else <cache>/data/camvid)
     {train,val,test}.txt        frame names, one a line, no extension
     {train,val,test}/<name>.jpg
     {train,val,test}annot/<name>.png   uint8, 0..10 classes, 11 = ignore""", ("train", "val", "test")),

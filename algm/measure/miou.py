@@ -3,7 +3,7 @@
 Pixels labelled ``ignore_index`` are never counted. Per-class IoU = TP / (TP + FP + FN);
 a class with an empty union (neither in the labels nor predicted over the whole split) is
 NaN and left out of the mean, so mIoU = nanmean over the classes present. All values are
-fractions in 0..1 (mmseg prints them x 100).
+percentages in 0..100, as mmseg prints them and every table of this project reports them.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import Tensor
 @dataclass(frozen=True)
 class MIoUResult:
     """miou: nanmean of ``per_class_iou``; acc: pixel accuracy over non-ignored pixels;
-    per_class_iou: (n_cls,) with NaN for absent classes; n_images: images accumulated;
+    per_class_iou: (n_cls,) with NaN for absent classes (all three in percent, 0..100); n_images: images accumulated;
     confusion: (n_cls, n_cls) int64 counts, rows = ground truth, columns = prediction."""
 
     miou: float
@@ -72,12 +72,13 @@ class ConfusionMatrix:
 
 
 def metrics_from_confusion(matrix: Tensor, n_images: int = 0) -> MIoUResult:
-    """mIoU, pixel accuracy and per-class IoU of a (n_cls, n_cls) confusion matrix (rows = truth)."""
+    """mIoU, pixel accuracy and per-class IoU, in percent, of a (n_cls, n_cls) confusion
+    matrix (rows = truth)."""
     m = matrix.double()
     tp = m.diagonal()
     union = m.sum(0) + m.sum(1) - tp
-    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+    iou = torch.where(union > 0, 100 * tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
     total = m.sum()
-    acc = (tp.sum() / total).item() if total > 0 else float("nan")
+    acc = (100 * tp.sum() / total).item() if total > 0 else float("nan")
     return MIoUResult(miou=iou.nanmean().item(), acc=acc, per_class_iou=tuple(iou.tolist()),
                       n_images=n_images, confusion=matrix)

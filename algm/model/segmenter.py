@@ -97,7 +97,8 @@ def build_segmenter(backbone: ViTConfig, n_cls: int, decoder: DecoderConfig = De
     """A randomly initialised Segmenter; load weights with ``algm.weights``."""
     encoder = ViTEncoder(backbone)
     if decoder.name == "mask":
-        dec = MaskTransformer(n_cls, backbone.embed_dim, decoder.n_layers, backbone.norm_eps)
+        eps = backbone.norm_eps if decoder.norm_eps is None else decoder.norm_eps
+        dec = MaskTransformer(n_cls, backbone.embed_dim, decoder.n_layers, eps)
     else:
         dec = LinearDecoder(n_cls, backbone.embed_dim)
     return Segmenter(encoder, dec, method)

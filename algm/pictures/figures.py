@@ -4,6 +4,8 @@
 * :func:`tokens_figure`: one token map over its image.
 * :func:`compare_figure`: one column per model, prediction overlay above, token map below.
 * :func:`gallery_figure`: one row per frame, the frame then one token map per model.
+* :func:`predictions_figure`: per frame, the image, the ground truth and every model's
+  prediction above, every prediction's error map below.
 * :func:`save_figure`: written atomically, the format from the file name.
 
 A token map to draw comes as a :class:`TokenPanel`. Matplotlib is used through
@@ -23,7 +25,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from algm.atomic import write_with
-from algm.pictures.maps import PRUNED_COLOR, overlay_rgb, token_map_rgb
+from algm.pictures.maps import (ERROR_COLOR, IGNORE_COLOR, PRUNED_COLOR, colorize, error_map_rgb, error_mask,
+                                 label_rgb, overlay_rgb, token_map_rgb)
 
 LEGEND_MAX = 14
 CELL_WIDTH = 3.6  # inches per image cell of a grid figure
@@ -79,14 +82,25 @@ def _single_figure(rgb: np.ndarray, title: str, handles: list | None = None,
     return fig
 
 
+class LabelPanel(NamedTuple):
+    """One model's prediction to draw: ``title`` (the model's label), ``labels`` (H, W)
+    predicted classes, ``caption`` (e.g. its token count)."""
+
+    title: str
+    labels: np.ndarray
+    caption: str
+
+
 def _grid_figure(n_rows: int, n_cols: int, cell: tuple[int, int], title: str,
-                 title_lines: int = 2, bottom: float = 0.0) -> tuple[Figure, list[list[Axes]]]:
+                 title_lines: int = 2, bottom: float = 0.0,
+                 caption: str | None = None) -> tuple[Figure, list[list[Axes]]]:
     """A figure of n_rows x n_cols image cells of ``cell`` (h, w) pixels (shown
-    :data:`CELL_WIDTH` inches wide), room for a title per cell; returns (fig, axes[row][col])."""
+    :data:`CELL_WIDTH` inches wide), room for a title per cell, ``caption`` in small
+    type under the figure's title; returns (fig, axes[row][col])."""
     h, w = cell
     cell_h = CELL_WIDTH * h / w
     pad_h = 0.2 * title_lines + 0.1
-    top = 0.25 * (title.count("\n") + 1) + 0.2
+    top = 0.25 * (title.count("\n") + 1) + 0.2 + (0.18 * (caption.count("\n") + 1) if caption else 0.0)
     bottom += 0.1
     fig_w, fig_h = n_cols * CELL_WIDTH + 0.1 * (n_cols + 1), n_rows * (cell_h + pad_h) + top + bottom
     fig = Figure(figsize=(fig_w, fig_h), dpi=100)
@@ -101,6 +115,9 @@ def _grid_figure(n_rows: int, n_cols: int, cell: tuple[int, int], title: str,
             row.append(ax)
         axes.append(row)
     fig.text(0.5, 1 - 0.1 / fig_h, title, ha="center", va="top", fontsize=12)
+    if caption:
+        fig.text(0.5, 1 - (0.15 + 0.25 * (title.count("\n") + 1)) / fig_h, caption, ha="center", va="top",
+                 fontsize=8, color="0.3")
     return fig, axes
 
 
@@ -141,22 +158,64 @@ def compare_figure(image: np.ndarray, panels: Sequence[TokenPanel], labels: Sequ
     return fig
 
 
+def _same_size(frames: Sequence[tuple], rows: Sequence[Sequence], what: str) -> tuple[int, int]:
+    """The (H, W) of every frame's image (``frame[1]``); a ValueError if they differ or
+    the rows do not match the frames."""
+    if not frames or len(frames) != len(rows):
+        raise ValueError(f"{len(frames)} frames but {len(rows)} rows of {what}")
+    size = frames[0][1].shape[:2]
+    if any(frame[1].shape[:2] != size for frame in frames):
+        raise ValueError("frames must all have the same size")
+    return size
+
+
 def gallery_figure(frames: Sequence[tuple[str, np.ndarray]], rows: Sequence[Sequence[TokenPanel]],
-                   title: str) -> Figure:
+                   title: str, caption: str | None = None) -> Figure:
     """One row per frame: the (name, (H, W, 3) uint8) frame, then its panels, one per
     model. Every frame must have the same size."""
-    if not frames or len(frames) != len(rows):
-        raise ValueError(f"{len(frames)} frames but {len(rows)} rows of token maps")
-    size = frames[0][1].shape[:2]
-    if any(rgb.shape[:2] != size for _, rgb in frames):
-        raise ValueError("frames must all have the same size")
-    fig, axes = _grid_figure(len(frames), max(map(len, rows)) + 1, size, title, title_lines=3)
+    size = _same_size(frames, rows, "token maps")
+    fig, axes = _grid_figure(len(frames), max(map(len, rows)) + 1, size, title, title_lines=3, caption=caption)
     for r, ((name, rgb), panels) in enumerate(zip(frames, rows)):
         axes[r][0].imshow(rgb, interpolation="nearest")
         axes[r][0].set_title(name, fontsize=9)
         for c, panel in enumerate(panels, start=1):
             axes[r][c].imshow(token_map_rgb(panel.source, image=rgb), interpolation="nearest")
             axes[r][c].set_title(_wrap(f"{panel.title}\n{panel.caption}", CELL_WIDTH), fontsize=8)
+    return fig
+
+
+def predictions_figure(frames: Sequence[tuple[str, np.ndarray, np.ndarray]], rows: Sequence[Sequence[LabelPanel]],
+                       classes: Sequence[str], palette: np.ndarray, ignore_index: int, title: str,
+                       caption: str | None = None) -> Figure:
+    """Two rows per frame ``(name, image (H, W, 3) uint8, ground truth (H, W))``: the
+    image, the ground truth (ignored pixels black) and every panel's prediction above;
+    under each prediction its error map (:func:`~algm.pictures.maps.error_map_rgb`) with
+    the share of labelled pixels it gets wrong; a legend of the frame's classes under
+    the image. Every frame must have the same size."""
+    size = _same_size(frames, rows, "predictions")
+    fig, axes = _grid_figure(2 * len(frames), max(map(len, rows)) + 2, size, title, title_lines=2, caption=caption)
+    error_handles = [Patch(facecolor=np.asarray(ERROR_COLOR) / 255, label="wrong"),
+                     Patch(facecolor=np.asarray(IGNORE_COLOR) / 255, label="ignored (not scored)")]
+    for r, ((name, rgb, truth), panels) in enumerate(zip(frames, rows)):
+        top, bottom = axes[2 * r], axes[2 * r + 1]
+        top[0].imshow(rgb, interpolation="nearest")
+        top[0].set_title(name, fontsize=9)
+        top[1].imshow(label_rgb(truth, palette, ignore_index), interpolation="nearest")
+        top[1].set_title("ground truth", fontsize=9)
+        scored = np.asarray(truth) != ignore_index
+        present = np.concatenate([np.asarray(truth)[scored].reshape(-1)] + [np.asarray(p.labels).reshape(-1)
+                                                                          for p in panels])
+        bottom[0].legend(handles=_present(present, classes, palette), loc="upper left", fontsize=7,
+                         frameon=False, handlelength=1.2, ncol=2, title="classes (share over these panels)",
+                         title_fontsize=7)
+        bottom[1].legend(handles=error_handles, loc="upper left", fontsize=7, frameon=False,
+                         handlelength=1.2, title="error maps", title_fontsize=7)
+        for c, panel in enumerate(panels, start=2):
+            top[c].imshow(colorize(panel.labels, palette), interpolation="nearest")
+            top[c].set_title(_wrap(f"{panel.title}\n{panel.caption}", CELL_WIDTH), fontsize=8)
+            wrong = error_mask(panel.labels, truth, ignore_index).sum() / max(int(scored.sum()), 1)
+            bottom[c].imshow(error_map_rgb(rgb, panel.labels, truth, ignore_index), interpolation="nearest")
+            bottom[c].set_title(f"{100 * wrong:.1f} % of labelled pixels wrong", fontsize=8)
     return fig
 
 

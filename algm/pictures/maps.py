@@ -1,7 +1,9 @@
 """Class palettes, label maps and token maps as pictures: arrays in, RGB arrays out.
 
 * :func:`class_meta`: names and palette of a dataset's classes (nothing read from disk).
-* :func:`colorize`, :func:`overlay_rgb`, :func:`save_label_png`: (H, W) class maps.
+* :func:`colorize`, :func:`overlay_rgb`, :func:`save_label_png`: (H, W) class maps;
+  :func:`label_rgb` with the ignored pixels apart, :func:`error_mask` /
+  :func:`error_map_rgb`: a prediction's wrong pixels against its ground truth.
 * :func:`token_map_rgb`: a (gh, gw) token map (token index per patch, -1 where no token
   holds the patch) drawn with every token in its own colour (:func:`distinct_colors`),
   the patch grid and the borders of merged tokens.
@@ -26,6 +28,9 @@ GRID_ALPHA = 0.35
 OVERLAY_ALPHA = 0.5
 TOKEN_IMAGE_WEIGHT = 0.25  # share of the (grey) image under a merged token's colour
 SINGLE_IMAGE_WEIGHT = 0.72  # ... under a token that holds a single patch
+IGNORE_COLOR = (0, 0, 0)  # ground-truth pixels no metric counts
+ERROR_COLOR = (255, 0, 40)  # a prediction's wrong pixels
+ERROR_IMAGE_WEIGHT = 0.45  # brightness of the grey image under the correct pixels of an error map
 
 
 def _numpy(a: np.ndarray | Tensor) -> np.ndarray:
@@ -81,6 +86,36 @@ def distinct_colors(n: int) -> np.ndarray:
 def colorize(labels: np.ndarray | Tensor, palette: np.ndarray) -> np.ndarray:
     """(H, W) class indices -> (H, W, 3) uint8 colours."""
     return np.asarray(palette, dtype=np.uint8)[_numpy(labels)]
+
+
+def label_rgb(labels: np.ndarray | Tensor, palette: np.ndarray, ignore_index: int) -> np.ndarray:
+    """(H, W) ground truth -> (H, W, 3) uint8 class colours, :data:`IGNORE_COLOR` where
+    the label is ``ignore_index`` (which may lie past the palette)."""
+    labels = _numpy(labels)
+    ignored = labels == ignore_index
+    rgb = colorize(np.where(ignored, 0, labels), palette)
+    rgb[ignored] = IGNORE_COLOR
+    return rgb
+
+
+def error_mask(pred: np.ndarray | Tensor, labels: np.ndarray | Tensor, ignore_index: int) -> np.ndarray:
+    """(H, W) bool: the pixels ``pred`` (H, W) gets wrong, the ignored ones excluded."""
+    pred, labels = _numpy(pred), _numpy(labels)
+    if pred.shape != labels.shape:
+        raise ValueError(f"prediction is {pred.shape}, ground truth {labels.shape}")
+    return (pred != labels) & (labels != ignore_index)
+
+
+def error_map_rgb(image: np.ndarray, pred: np.ndarray | Tensor, labels: np.ndarray | Tensor,
+                  ignore_index: int) -> np.ndarray:
+    """(H, W, 3) uint8: the (H, W, 3) uint8 image in dim grey, :data:`ERROR_COLOR` on the
+    pixels ``pred`` gets wrong (:func:`error_mask`), :data:`IGNORE_COLOR` where the ground
+    truth is ignored."""
+    grey = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    rgb = np.repeat(np.round(ERROR_IMAGE_WEIGHT * grey)[..., None], 3, -1).astype(np.uint8)
+    rgb[_numpy(labels) == ignore_index] = IGNORE_COLOR
+    rgb[error_mask(pred, labels, ignore_index)] = ERROR_COLOR
+    return rgb
 
 
 def save_label_png(labels: np.ndarray | Tensor, palette: np.ndarray, path: str | Path) -> Path:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from algm.config import check_window
 from algm.data.datasets import check_image_file
-from algm.data.windows import center_window
+from algm.data.windows import center_window, pad_to
 
 BLACK = (0.0, 0.0, 0.0)
 UNIT = (1.0, 1.0, 1.0)
@@ -63,10 +63,24 @@ def window_view(image: Tensor, window: tuple[int, int]) -> Tensor:
     centre window covers, at the image's own scale (black where the window reaches past
     the image). It is :func:`center_window` of a window scaled back by the test-scale
     factor, so no resize happens and both use one placement rule."""
-    scale = min(window) / min(image.shape[-2:])
-    view = (round(window[0] / scale), round(window[1] / scale))
-    x = center_window(image, view, BLACK, UNIT)[0]  # 0..1, nothing resized
+    x = center_window(image, _view_size(tuple(image.shape[-2:]), window), BLACK, UNIT)[0]  # 0..1, nothing resized
     return x.mul(255).round_().to(torch.uint8)
+
+
+def label_view(label: Tensor, window: tuple[int, int], ignore_index: int) -> Tensor:
+    """(H, W) label map -> (h', w') long: the region :func:`window_view` shows of its
+    image, ``ignore_index`` where the window reaches past the image (the padding and
+    centring of :func:`center_window`, at the image's own scale, so nothing is resized)."""
+    view = _view_size(tuple(label.shape[-2:]), window)
+    y = pad_to(label.long(), view, value=ignore_index)
+    top, left = (y.shape[-2] - view[0]) // 2, (y.shape[-1] - view[1]) // 2
+    return y[top:top + view[0], left:left + view[1]]
+
+
+def _view_size(size: tuple[int, int], window: tuple[int, int]) -> tuple[int, int]:
+    """``window`` scaled back by the test-scale factor of an image of ``size`` (H, W)."""
+    scale = min(window) / min(size)
+    return (round(window[0] / scale), round(window[1] / scale))
 
 
 # ======================================================================== predicting

@@ -1,4 +1,5 @@
-"""The frozen-encoder feature cache: final token states of every training window.
+"""The frozen-encoder feature cache: final token states of every training window, and
+the tokens after chosen blocks for a method's own training.
 
 The encoder (and the token-reduction method inside it) is frozen while a decoder head
 trains, so its output for a training window never changes: :func:`extract_features`
@@ -18,6 +19,15 @@ views per frame (:func:`algm.data.windows.random_view`, drawn from a generator s
 by the frame's index and ``seed``). Frozen blocks without dropout are deterministic and
 a method's merging decisions up to there are fixed per view, so the cached state is
 what the frozen part computes (``x`` stored in fp16, as for the final states).
+
+A method's own training reaches the frozen encoder's intermediate tokens through
+:meth:`~algm.reduction.TrainingContext.layer_features` (:func:`frozen_layer_features`):
+:func:`extract_layer_features` runs the encoder with nothing reduced once per frame
+(``batch_frames`` frames per forward) and caches the patch tokens after the blocks
+asked for, (L, N, D) fp16 per window, with the window's label, keyed by
+:func:`layer_identity` (encoder config and weights, dataset, split, frames, window,
+blocks, batch) and checked on read like the final states. What the method makes of
+them (per-patch targets, the heads it fits) stays in the method.
 
 The cache entry is keyed by :func:`feature_identity`: backbone config, a fingerprint of
 the encoder and method weights, dataset, split, the frames used, window, the method's
@@ -46,19 +56,21 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from algm import atomic
 from algm.build import Setup
 from algm.cache import move_aside
+from algm.config import DatasetSpec, ViTConfig, check_window
 from algm.files import read_text
 from algm.safe_yaml import clip
 from algm.data.windows import random_view, tiles
-from algm.reduction import TokenReduction, TokenState
+from algm.reduction import NoReduction, TokenReduction, TokenState, TrainingContext
 from algm.training.keys import cache_folder, cache_label, digest, weights_fingerprint
 
 FEATURES_FORMAT = "algm-bench/head-features/v1"
+LAYERS_FORMAT = "algm-bench/layer-features/v1"
 
 
 @dataclass
@@ -328,6 +340,178 @@ def extract_features(setup: Setup, split: str = "train", *, flip: bool = False, 
     index = _index(path, json.loads(json.dumps(identity, default=str)), len(items), seconds, cpu_seconds)
     return FeatureCache(path=path, items=items, extract_seconds=seconds, extract_cpu_seconds=cpu_seconds,
                         index=index)
+
+
+# ------------------------------------------------------------------ frozen layers
+@torch.no_grad()
+def layer_tokens(encoder: nn.Module, images: Tensor, layers: Sequence[int]) -> Tensor:
+    """(B, len(layers), N, D) patch tokens after the 1-based blocks ``layers``.
+
+    images: (B, 3, H, W) normalised. The encoder's own path with nothing reduced
+    (``start``, then ``run_blocks`` one block at a time, only up to the last block asked
+    for): the tokens a method's ``after_block`` sees while it has reduced nothing.
+    """
+    method = NoReduction()
+    state = encoder.start(images, method)
+    wanted, out = set(layers), []
+    for block in range(max(layers)):
+        state, _ = encoder.run_blocks(state, method, range(block, block + 1))
+        if block + 1 in wanted:
+            out.append(state.patches)
+    return torch.stack(out, 1)
+
+
+@dataclass
+class LayerFeatures:
+    """Frozen-encoder patch tokens at chosen blocks for every training window of a split,
+    one row per window (frames in order, each frame's :func:`~algm.data.windows.tiles`
+    in order)."""
+
+    path: Path  # the cache folder (keyed by :func:`layer_identity`)
+    features: Tensor  # (W, L, N, D) float16
+    labels: Tensor  # (W, h, w) pixel labels of the windows (uint8 where they fit, else long)
+    grid: tuple[int, int]  # (h / patch, w / patch): N = grid[0] * grid[1]
+    n_frames: int
+    extract_seconds: float  # wall time of this call's encoding, 0 when all came from disk
+
+
+def layer_identity(encoder: nn.Module, dataset: str, split: str, names: Sequence[str],
+                   window: tuple[int, int], layers: Sequence[int], batch_frames: int) -> dict:
+    """Everything the cached layer tokens depend on (hashed into their cache key). The
+    batch is part of it: a kernel may round differently for another batch size."""
+    return {"format": LAYERS_FORMAT, "backbone": asdict(encoder.cfg), "weights": weights_fingerprint(encoder),
+            "dataset": dataset, "split": split, "frames": digest(list(names)), "n_frames": len(names),
+            "window": list(window), "layers": list(layers), "batch_frames": batch_frames}
+
+
+def check_layer_items(items: object, shape: tuple[int, int, int], window: tuple[int, int]) -> None:
+    """A ValueError naming the first cached window that is not what
+    :func:`extract_layer_features` writes: x (L, N, D) finite, label (h, w)."""
+    if not isinstance(items, list) or not items:
+        raise ValueError("no items")
+    for it in items:
+        x, label = it["x"], it["label"]
+        if tuple(x.shape) != shape:
+            raise ValueError(f"x of shape {tuple(x.shape)} (expected {shape})")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x holds non-finite values")
+        if tuple(label.shape) != tuple(window):
+            raise ValueError(f"label {tuple(label.shape)} does not fit the window {tuple(window)}")
+
+
+def _read_layer_frame(file: Path, shape: tuple[int, int, int], window: tuple[int, int]) -> list[dict] | None:
+    """The windows of a frame file, or None if it is missing; a damaged one is moved aside
+    (as :func:`_read_frame` does) and None returned, so its frames are encoded again."""
+    if not file.is_file():
+        return None
+    try:
+        items = torch.load(file, map_location="cpu", weights_only=True)["items"]
+        check_layer_items(items, shape, window)
+        return items
+    except Exception as err:  # torch.load fails on junk with any type of error
+        move_aside(file, clip(f"{type(err).__name__}: {err}"))
+        return None
+
+
+def extract_layer_features(encoder: nn.Module, data, layers: Sequence[int], window: tuple[int, int], *,
+                           dataset: str, split: str, cache: str | Path | None = None,
+                           batch_frames: int = 4, progress: bool = True) -> LayerFeatures:
+    """Patch tokens of the frozen ``encoder`` after the 1-based ``layers`` for every
+    training window of ``data`` (``dataset``'s ``split``), cached: one file per frame,
+    reused while :func:`layer_identity` holds, checked on read.
+
+    data: samples (``.image`` uint8 (3, H, W), ``.label`` (H, W), ``.name``) with
+    ``ignore_index``. The windows of ``batch_frames`` consecutive frames go through the
+    encoder in one forward (a group with any frame missing is encoded again whole, so
+    every frame's numbers come from the same batch as in an uninterrupted run).
+    ``cache``: root folder instead of ``cache_dir()`` (tests).
+    """
+    cfg = encoder.cfg
+    layers = sorted(set(layers))
+    grid = check_window(tuple(window), cfg.patch_size)
+    shape = (len(layers), grid[0] * grid[1], cfg.embed_dim)
+    identity = layer_identity(encoder, dataset, split, frame_names(data), window, layers, batch_frames)
+    tag = f"{cfg.name}-{dataset}-{split}-L{'-'.join(map(str, layers))}-{digest(identity)}"
+    path = cache_folder(cache, "layers", tag)
+    label_dtype = _label_dtype(data.n_cls, data.ignore_index)
+    device = next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval()
+    start, cpu = time.perf_counter(), time.process_time()
+    encoded = False
+    frames: list[list[dict]] = []
+    try:
+        with tqdm(total=len(data), desc=f"layer features {split}", unit="img", disable=not progress) as bar:
+            for first in range(0, len(data), batch_frames):
+                group = range(first, min(len(data), first + batch_frames))
+                read = [_read_layer_frame(path / f"{i:06d}.pt", shape, window) for i in group]
+                if any(items is None for items in read):
+                    read = _encode_layer_group(encoder, data, group, layers, window, label_dtype, device,
+                                               path, read)
+                    encoded = True
+                frames += read
+                bar.update(len(group))
+    finally:
+        encoder.train(was_training)
+    seconds = time.perf_counter() - start if encoded else 0.0
+    cpu_seconds = time.process_time() - cpu if encoded else 0.0
+    items = [it for frame in frames for it in frame]
+    _index(path, json.loads(json.dumps(identity, default=str)), len(items), seconds, cpu_seconds)
+    return LayerFeatures(path=path, features=torch.stack([it["x"] for it in items]),
+                         labels=torch.stack([it["label"] for it in items]), grid=grid,
+                         n_frames=len(data), extract_seconds=seconds)
+
+
+def _encode_layer_group(encoder: nn.Module, data, group: range, layers: Sequence[int], window: tuple[int, int],
+                        label_dtype: torch.dtype, device: torch.device, path: Path,
+                        read: list[list[dict] | None]) -> list[list[dict]]:
+    """The windows of frames ``group`` in one forward; the files of those not ``read``
+    from disk are written."""
+    cfg = encoder.cfg
+    images, labels, counts, samples = [], [], [], []
+    for i in group:
+        sample = data[i]
+        pairs = list(tiles(sample.image, window, cfg.mean, cfg.std, sample.label, data.ignore_index))
+        images += [x for x, _ in pairs]
+        labels += [y[0].to(label_dtype) for _, y in pairs]
+        counts.append(len(pairs))
+        samples.append(sample)
+    x = layer_tokens(encoder, torch.cat(images).to(device), layers).to(torch.float16).cpu()
+    out, at = [], 0
+    for i, sample, count, cached in zip(group, samples, counts, read):
+        items = [{"x": x[j].clone(), "label": labels[j]} for j in range(at, at + count)]  # own storage: saved alone
+        at += count
+        if cached is None:
+            atomic.save_torch({"format": LAYERS_FORMAT, "name": str(sample.name), "items": items},
+                              path / f"{i:06d}.pt")
+        out.append(items if cached is None else cached)
+    return out
+
+
+def frozen_layer_features(context: TrainingContext, backbone: ViTConfig, dataset: DatasetSpec,
+                          layers: Sequence[int], split: str = "train", limit: int | None = None) -> LayerFeatures:
+    """:meth:`~algm.reduction.TrainingContext.layer_features`: the frozen encoder of
+    ``backbone`` (``context.frozen_encoder``) at ``context.window`` (None: the dataset's)
+    over ``dataset``'s ``split`` (its first ``limit`` frames, from ``context.data_root``),
+    through :func:`extract_layer_features`. The data is opened first: a missing root
+    fails before any weights are converted."""
+    from algm.data.datasets import build_dataset
+
+    window = tuple(context.window) if context.window is not None else dataset.window(backbone.patch_size)
+    data = build_dataset(dataset.name, split, root=context.data_root, limit=limit)
+    encoder = context.frozen_encoder(backbone.name, window)
+    return extract_layer_features(encoder, data, layers, window, dataset=dataset.name, split=split,
+                                  progress=context.progress)
+
+
+def training_context(data_root: str | None = None, window: tuple[int, int] | None = None,
+                     progress: bool = True) -> TrainingContext:
+    """The :class:`~algm.reduction.TrainingContext` the framework hands a method's
+    training: its frozen encoder and this module's cache of that encoder's tokens."""
+    from algm.build import frozen_encoder
+
+    return TrainingContext(data_root=data_root, window=window, progress=progress,
+                           frozen_encoder=frozen_encoder, layer_cache=frozen_layer_features)
 
 
 # ------------------------------------------------------------------ batching

@@ -338,11 +338,12 @@ def train_head(setup: Setup, split: str = "train", epochs: int | None = None, *,
 def evaluate_head(setup: Setup, split: str = "val", *, root: str | Path | None = None,
                   limit: int | None = None, folder: Path | None = None, progress: bool = True) -> dict:
     """mIoU of ``setup.model`` (with its current decoder) on a split via
-    :func:`algm.evaluate.evaluate`; cached as ``eval-<split>[-n<limit>].json`` in
+    :func:`algm.evaluate.evaluate`; cached as ``eval-pct-<split>[-n<limit>].json`` in
     ``folder`` (a head's folder) if given."""
     out = None
     if folder is not None:
-        out = Path(folder) / (f"eval-{split}" + (f"-n{limit}" if limit else "") + ".json")
+        # "pct": figures in percent (files of fractions, named eval-<split>, are not read)
+        out = Path(folder) / (f"eval-pct-{split}" + (f"-n{limit}" if limit else "") + ".json")
         cached = _cached_eval(out, split)
         if cached is not None:
             return cached
@@ -357,7 +358,7 @@ def evaluate_head(setup: Setup, split: str = "val", *, root: str | Path | None =
 
 def _cached_eval(path: Path, split: str) -> dict | None:
     """The evaluation cached in ``path``, or None: missing, or damaged (not JSON, another
-    split, mIoU / accuracy not within 0-1, no image count), then moved aside."""
+    split, mIoU / accuracy not a percentage, no image count), then moved aside."""
     if not path.exists():
         return None
     try:
@@ -366,8 +367,8 @@ def _cached_eval(path: Path, split: str) -> dict | None:
             raise ValueError(f"not an evaluation of the {split} split")
         for name in ("miou", "acc"):
             value = row.get(name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ValueError(f"{name} is {brief(value)}, not a number within 0-1")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+                raise ValueError(f"{name} is {brief(value)}, not a number within 0-100")
         if isinstance(row.get("n_images"), bool) or not isinstance(row.get("n_images"), int) or row["n_images"] < 1:
             raise ValueError(f"n_images is {brief(row.get('n_images'))}")
         if not isinstance(row.get("per_class_iou"), dict):

@@ -11,7 +11,8 @@ NaN/inf fails with one line naming the file (and the key or tensor).
 :func:`save_checkpoint` writes the same format (``algm-bench finetune``'s output). For
 encoders that Segmenter's variants cannot describe (DINOv2-style ViT-S/14) it adds
 optional ``net_kwargs`` entries that Segmenter ignores: ``layer_scale``, ``norm_eps``,
-``pos_interp``, ``normalization``; and ``inference_kwargs.window_size`` /
+``pos_interp``, ``normalization``, ``decoder.norm_eps`` (where the decoder's differs, as in
+converted mmseg checkpoints); and ``inference_kwargs.window_size`` /
 ``window_stride`` may be ``[h, w]`` for a non-square window (CamVid 336 x 448).
 """
 
@@ -170,7 +171,8 @@ def _configs(variant: Mapping) -> tuple[ViTConfig, DecoderConfig, VariantInfo]:
     if dec_name not in DECODERS:
         raise ValueError(f"unknown decoder {brief(dec_name)}; known: {', '.join(DECODERS)}")
     decoder = DecoderConfig(DECODERS[dec_name], _int(dec, "n_layers", "net_kwargs.decoder")
-                            if "n_layers" in dec else 2)
+                            if "n_layers" in dec else 2,
+                            float(dec["norm_eps"]) if "norm_eps" in dec else None)
     info = VariantInfo(
         backbone=backbone,
         n_cls=_int(net, "n_cls", "net_kwargs"),
@@ -251,6 +253,8 @@ def variant_of(model: Segmenter, dataset: str, window: tuple[int, int], stride: 
     dec = {"name": decoder}
     if decoder == "mask_transformer":
         dec["n_layers"] = len(model.decoder.blocks)
+        if model.decoder.decoder_norm.eps != cfg.norm_eps:  # only then: other variants stay as they were
+            dec["norm_eps"] = model.decoder.decoder_norm.eps
     net = {"backbone": cfg.name, "d_model": cfg.embed_dim, "n_layers": cfg.depth,
            "n_heads": cfg.num_heads, "patch_size": cfg.patch_size,
            "image_size": [cfg.pos_grid[0] * cfg.patch_size, cfg.pos_grid[1] * cfg.patch_size],

