@@ -293,6 +293,20 @@ def cached_rows(suite, opts) -> list[dict]:
     return rows
 
 
+def _partial_report(rows: list[dict], planned: int, suite, out: Path, title: str) -> None:
+    """The tables and CSV of the rows finished so far (no figures, no galleries), so a
+    first answer (each method's default setting) is there before the sweeps are done."""
+    from algm import distributed
+
+    if not distributed.is_main():
+        return
+    with staging_dir(out) as staging:
+        write_reports(rows, staging, suite.published, f"{title} (partial: {len(rows)} of {planned} rows, "
+                      "each method's first setting first)", split=suite.split, label=f"tab:{suite.name}",
+                      figures=False)
+        publish(staging, out)
+
+
 def run_and_report(suite, opts, out: Path, *, report_only: bool = False, update_reference: bool = False,
                    title: str | None = None) -> list[Path] | None:
     """Run ``suite`` (or, ``report_only``, read its cached rows) and publish its report
@@ -304,16 +318,17 @@ def run_and_report(suite, opts, out: Path, *, report_only: bool = False, update_
     from suites.runner import run_suite
 
     check_reference(out, update_reference)
+    title = title or f"{suite.name}: {suite.dataset} {suite.split}" + (" (GFLOPs only)" if opts.flops_only else "")
     start = time.perf_counter()
     if report_only:
         rows, run = cached_rows(suite, opts), None
     else:
         measured = []
-        rows = run_suite(suite, opts, on_measured=measured.append)
+        rows = run_suite(suite, opts, on_measured=measured.append,
+                         on_progress=lambda done, planned: _partial_report(done, planned, suite, out, title))
         run = {"wall_seconds": time.perf_counter() - start, "rows_measured": len(measured)}
     if not distributed.is_main():
         return None
-    title = title or f"{suite.name}: {suite.dataset} {suite.split}" + (" (GFLOPs only)" if opts.flops_only else "")
     machine = machine_record(opts.device)
     kept = out / "machine.json"
     if report_only and kept.is_file():  # the machine the rows were measured on

@@ -77,10 +77,26 @@ def _content(path: Path | None) -> str | None:
     return None if path is None else checkpoint_sha256(path)
 
 
-def run_suite(suite: Suite, opts: RunOptions, on_measured: Callable[[dict], None] | None = None) -> list[dict]:
+def first_answer(todo: list[Row]) -> set[int]:
+    """Indices of the rows that give a first answer: per backbone and method its default
+    setting (no options, image by image), else its first one in the suite."""
+    picked: dict[tuple, int] = {}
+    for i, r in enumerate(todo):
+        group = (r.backbone, r.setting.method, r.trained)
+        default = not r.setting.options and r.setting.batch is None
+        if group not in picked or default and (todo[picked[group]].setting.options or todo[picked[group]].setting.batch):
+            picked[group] = i
+    return set(picked.values())
+
+
+def run_suite(suite: Suite, opts: RunOptions, on_measured: Callable[[dict], None] | None = None,
+              on_progress: Callable[[list[dict], int], None] | None = None) -> list[dict]:
     """Measure (or read from cache) every row of ``suite``; returns them in suite order.
-    A suite with ``finetune`` first fine-tunes its models and measures those.
-    ``on_measured`` is called with every row this run measures or times again."""
+    A suite with ``finetune`` first fine-tunes its models and measures those. The
+    :func:`first_answer` rows are measured first. ``on_measured`` is called with every
+    row this run measures or times again; ``on_progress`` with the rows finished so far
+    (suite order) and the number planned once the first-answer rows are all there, and after every later row
+    measured or timed again."""
     if not opts.flops_only:  # fails naming the expected layout, or the first unreadable file
         check_files(build_dataset(suite.dataset, suite.split, root=opts.data_root))
     if suite.finetune is not None and not opts.flops_only:
@@ -89,29 +105,35 @@ def run_suite(suite: Suite, opts: RunOptions, on_measured: Callable[[dict], None
     data_present = has_data(suite, opts)
     todo = [r for r in plan(suite, opts)
             if not ((opts.flops_only or r.gflops_only) and r.setting.method != "none" and not data_present)]
-    rows = []
+    first = first_answer(todo)
+    done: dict[int, dict] = {}
     main = distributed.is_main()
-    bar = tqdm(todo, desc=f"suite {suite.name}", unit="row", disable=not opts.progress or not main)
-    for row_plan in bar:
+    bar = tqdm(sorted(range(len(todo)), key=lambda i: i not in first), desc=f"suite {suite.name}", unit="row",
+               disable=not opts.progress or not main)
+    for i in bar:
+        row_plan = todo[i]
         bar.set_postfix_str(f"{row_plan.backbone} {row_plan.setting.label()}")
         key = row_key(suite, row_plan, opts, method_identity(suite, row_plan, opts))
         path = rows_dir / f"{key}.json"
         fresh = opts.fresh or row_plan.setting.method in opts.fresh_methods
         row = distributed.broadcast_object(read_row(path, key) if main and not fresh else None)
+        changed = True
         if row is None:
             start = time.perf_counter()
             row = measure_row(suite, row_plan, opts)
             row["seconds"] = time.perf_counter() - start  # training of missing parts included
-            if on_measured:
-                on_measured(row)
         elif stale_sizes(row, suite) and not row_plan.gflops_only and not opts.untimed:  # contended, timed another way, or lacking a figure
             row = retime(suite, row_plan, row, opts)
-            if on_measured:
-                on_measured(row)
+        else:
+            changed = False
         if main:
             atomic.write_json(path, {"format": ROW_FORMAT, "key": key, "row": row}, indent=None)
-        rows.append(row)
-    return rows
+        if changed and on_measured:
+            on_measured(row)
+        done[i] = row
+        if on_progress and first <= done.keys() and (changed or i in first) and len(done) < len(todo):
+            on_progress([done[j] for j in sorted(done)], len(todo))
+    return [done[i] for i in range(len(todo))]
 
 
 def method_identity(suite: Suite, row: Row, opts: RunOptions, train: bool = True) -> dict:

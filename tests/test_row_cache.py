@@ -48,6 +48,7 @@ def bench(tmp_path, monkeypatch, checkpoints):
         return code, list(calls["measured"]), list(calls["retimed"])
 
     run.rows = tmp_path / "cache" / "rows" / "tiny"
+    run.suite = suite
     return run
 
 
@@ -145,3 +146,23 @@ def test_untimed_rows_are_timed_by_the_next_run_and_keep_their_other_figures(ben
     assert "untimed" not in timed and timed["ims_b1"] > 0 and timed["base_ims_b1"] > 0
     assert {k: timed[k] for k in untimed if k != "untimed"} == {k: v for k, v in untimed.items() if k != "untimed"}
     assert bench() == (0, [], [])
+
+
+def test_each_methods_first_setting_is_measured_first_and_reported_before_the_sweeps(bench, monkeypatch):
+    import suites.report
+
+    bench.suite.write_text(SUITE.replace("algm: [{}]", "algm: [{tau: 0.9}, {}]\n  tome: [{r: 8}, {r: 4}]"))
+    partial, tables, write = [], [], suites.report._partial_report
+
+    def spy(rows, planned, suite, out, title):
+        partial.append(([r["setting"] for r in rows], planned))
+        write(rows, planned, suite, out, title)
+        tables.append((out / "table.md").read_text())
+
+    monkeypatch.setattr(suites.report, "_partial_report", spy)
+    code, measured, _ = bench()
+    assert code == 0 and measured == ["none", "algm", "tome(r=8)", "algm(tau=0.9)", "tome(r=4)"]
+    assert partial == [(["none", "algm", "tome(r=8)"], 5), (["none", "algm(tau=0.9)", "algm", "tome(r=8)"], 5)]
+    assert "(partial: 3 of 5 rows" in tables[0] and "r=8" in tables[0] and "tau=0.9" not in tables[0]
+    assert bench() == (0, [], [])  # all cached: one partial report when the first answers are read
+    assert len(partial) == 3 and "partial" not in (bench.rows.parents[2] / "out" / "table.md").read_text()
