@@ -21,7 +21,6 @@ registry only (:mod:`algm.methods`).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Sequence
@@ -33,9 +32,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from algm.config import get_backbone, get_dataset
-from algm.methods import build_method, method_class, method_config
+from algm.methods import method_class, method_config
 from algm.pictures.figures import save_figure
-from suites.records import RowRecord, baselines
+from suites.records import RowRecord, baselines, resolved_settings
 
 OFF_THE_SHELF, TRAINED = "off-the-shelf head", "head trained with the method"
 SERIES_MARKER = {OFF_THE_SHELF: "o", TRAINED: "D"}
@@ -99,19 +98,6 @@ def pareto_front(x: Sequence[float], y: Sequence[float], lower_x_better: bool = 
     on_front = ~(geq & better).any(axis=1)
     idx = np.flatnonzero(on_front)
     return [int(i) for i in idx[np.argsort(np.asarray(x, float)[idx], kind="stable")]]
-
-
-def resolved_settings(r: RowRecord) -> dict:
-    """Every knob of the row's method with its value (per-backbone defaults resolved where
-    the method builds without trained parts, else its config's own values); the row's
-    options alone for a method the registry does not know (a plugin not loaded)."""
-    try:
-        config = method_config(r.method, **r.options)
-    except ValueError:  # a method of another run's plugin: its options are all we have
-        return dict(r.options)
-    if has_trained_parts(r):  # building would read (or lack) the trained files
-        return dataclasses.asdict(config)
-    return dict(build_method(r.method, get_backbone(r.backbone), get_dataset(r.dataset), **r.options).settings())
 
 
 def has_trained_parts(r: RowRecord) -> bool:

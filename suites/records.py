@@ -10,12 +10,17 @@ percent everywhere (NaN: not measured).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
+from algm.config import get_backbone, get_dataset
 from algm.measure.breakdown import speedup_bound
+from algm.methods import build_method, method_class, method_config
 
 # Per batch size N: the record field and the cache key it reads (N substituted).
 TIMING_KEYS = {
@@ -256,3 +261,27 @@ def speedup_bound_of(r: RowRecord, base: RowRecord | None) -> float:
     t = r.timings.get(int(r.breakdown_batch))
     gflops = t.timed_gflops if t is not None and t.timed_gflops is not None else r.gflops
     return speedup_bound(r.fixed_share, base.gflops / gflops)
+
+
+def resolved_settings(r: RowRecord) -> dict:
+    """Every knob of the row's method with the value it ran with: the method built
+    through the registry (with its ``untrained_options`` where its trained parts are not
+    here) and its ``settings()``, per-backbone defaults filled in; its config's own values
+    where it cannot be built; the row's options for a method the registry does not know
+    (another run's plugin)."""
+    return dict(_resolved(r.method, r.backbone, r.dataset, json.dumps(r.options, sort_keys=True)))
+
+
+@lru_cache(maxsize=None)  # building a method may read its trained parts: once per setting
+def _resolved(method: str, backbone: str, dataset: str, options: str) -> dict:
+    given = json.loads(options)
+    try:
+        cls, config = method_class(method), method_config(method, **given)
+    except ValueError:
+        return given
+    for extra in ({}, cls.untrained_options):
+        try:
+            return build_method(method, get_backbone(backbone), get_dataset(dataset), **given, **extra).settings()
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+    return dataclasses.asdict(config)

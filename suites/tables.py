@@ -10,16 +10,13 @@ its own delta against the baseline evaluated the same way.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
-from algm.config import get_backbone, get_dataset
 from algm.measure.throughput import CONTENDED_BELOW
-from algm.methods import build_method, method_class
+from algm.methods import method_class
 from suites.records import (RowRecord, baselines, efficiency, gflops_delta_pct, miou_delta, miou_trained_delta,
-                            speedup_bound_of)
+                            resolved_settings, speedup_bound_of)
 
 CONTENDED_MARK = "†"
 CONTENDED_NOTE = ("† timed while other processes competed for the CPU (utilisation below "
@@ -34,21 +31,6 @@ SPEEDUP_NOTE = ("Speed-up: each row is timed in one process interleaved with the
 
 
 # ---------------------------------------------------------------------------- rows
-
-@lru_cache(maxsize=None)
-def _resolved(method: str, backbone: str, dataset: str, options: str) -> dict:
-    """The method's resolved settings through the registry (``options`` as JSON): its
-    defaults for this backbone and dataset filled in. A method whose trained parts are
-    absent here is built with its ``untrained_options``; one that cannot be built at all
-    shows the options as written ({})."""
-    given = json.loads(options)
-    for extra in ({}, method_class(method).untrained_options):
-        try:
-            return build_method(method, get_backbone(backbone), get_dataset(dataset), **given, **extra).settings()
-        except (OSError, ValueError, TypeError, KeyError):
-            continue
-    return {}
-
 
 def _knob(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
@@ -70,7 +52,7 @@ def setting_texts(records: list[RowRecord]) -> list[str]:
             out.append("")
             continue
         keys = swept.get(r.method) or []
-        resolved = _resolved(r.method, r.backbone, r.dataset, json.dumps(r.options, sort_keys=True))
+        resolved = resolved_settings(r)
         if not keys:
             keys = list(method_class(r.method).label_keys or resolved)
         keys += [k for k in r.options if k not in keys]

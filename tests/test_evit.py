@@ -9,16 +9,14 @@ import math
 import pytest
 import torch
 
-from algm.config import DecoderConfig, ViTConfig, get_backbone, get_dataset
+from algm.config import DecoderConfig, get_backbone, get_dataset
 from algm.measure.flops import count_flops, uncounted_ops
 from algm.methods import build_method
 from algm.model.segmenter import build_segmenter
 from algm.reduction import AttentionView, NoReduction, TokenState, padding_bias
 from baselines.evit import EViT, EViTAux, default_layers
-from tiny_inputs import noise_images
+from tiny_inputs import CAMVID, TINY, noise_images, run, tiny_segmenter, with_registered
 
-CAMVID = get_dataset("camvid")
-TINY = ViTConfig("tiny", 64, 4, 2, 16, pos_grid=(4, 4))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,20 +24,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return build_segmenter(TINY, 5, DecoderConfig("mask"), NoReduction()).eval()
+    return tiny_segmenter()
 
 
 images = noise_images
 
 
 def evit(model, **kw):
-    return model.with_method(build_method("evit", TINY, CAMVID, **kw))
-
-
-def run(model, x):
-    with torch.no_grad():
-        return model.run(x)
+    return with_registered(model, "evit", **kw)
 
 
 # ---------------------------------------------------------------- slow references (the paper's rule)

@@ -10,16 +10,13 @@ import math
 import pytest
 import torch
 
-from algm.config import DecoderConfig, ViTConfig, get_backbone, get_dataset
+from algm.config import get_backbone
 from algm.measure.flops import count_flops, uncounted_ops
 from algm.methods import add_method_options, build_method, method_options
-from algm.model.segmenter import build_segmenter
-from algm.reduction import NoReduction, TokenState
+from algm.reduction import TokenState
 from baselines.mpm import MPM, default_steps, mutual_pair_merge
-from tiny_inputs import textured_images
+from tiny_inputs import CAMVID, TINY, encode, run, textured_images, tiny_segmenter, with_registered
 
-CAMVID = get_dataset("camvid")
-TINY = ViTConfig("tiny", 64, 4, 2, 16, pos_grid=(4, 4))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,25 +24,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return build_segmenter(TINY, 5, DecoderConfig("mask"), NoReduction()).eval()
+    return tiny_segmenter()
 
 
 images = textured_images
 
 
 def mpm(model, **kw):
-    return model.with_method(build_method("mpm", TINY, CAMVID, **kw))
-
-
-def run(model, x):
-    with torch.no_grad():
-        return model.run(x)
-
-
-def encode(model, x):
-    with torch.no_grad():
-        return model.encoder(x, model.method)[0]
+    return with_registered(model, "mpm", **kw)
 
 
 # ------------------------------------------------------------------ the rule, by slow loops

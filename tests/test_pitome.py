@@ -9,17 +9,14 @@ import math
 import pytest
 import torch
 
-from algm.config import DecoderConfig, ViTConfig, get_backbone, get_dataset
+from algm.config import get_backbone, get_dataset
 from algm.measure.flops import count_flops, uncounted_ops
 from algm.methods import add_method_options, build_method
-from algm.model.segmenter import build_segmenter
-from algm.reduction import AttentionView, NoReduction, TokenState
+from algm.reduction import AttentionView, TokenState
 from baselines.pitome import (PiToMe, cosine_similarity, elu_energy, gaussian_log_energy,
                               gaussian_log_threshold, layer_margin, merge_count, protected_plan)
-from tiny_inputs import textured_images
+from tiny_inputs import CAMVID, TINY, run, textured_images, tiny_segmenter, with_registered
 
-CAMVID = get_dataset("camvid")
-TINY = ViTConfig("tiny", 64, 4, 2, 16, pos_grid=(4, 4))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,20 +24,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return build_segmenter(TINY, 5, DecoderConfig("mask"), NoReduction()).eval()
+    return tiny_segmenter()
 
 
 images = textured_images
 
 
 def pitome(model, **kw):
-    return model.with_method(build_method("pitome", TINY, CAMVID, **kw))
-
-
-def run(model, x):
-    with torch.no_grad():
-        return model.run(x)
+    return with_registered(model, "pitome", **kw)
 
 
 def encode(model, x):
