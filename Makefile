@@ -20,7 +20,7 @@ STAMP := $(VENV)/.installed
 # pip prints one harmless warning per package for this machine's empty local indexes.
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install test bench bench-regress gpu-check clean help
+.PHONY: install test bench bench-regress verify-parts gpu-check clean help
 
 help:
 	@echo "make install        create $(VENV) and install everything (idempotent)"
@@ -31,6 +31,8 @@ help:
 	@echo "make test           run the test suite"
 	@echo "make bench-regress  pytest-benchmark run of tests/bench: the first run on a machine is its"
 	@echo "                    baseline (in the cache), later ones fail on a median slowdown > MAX_SLOWDOWN"
+	@echo "make verify-parts   retrain the trained parts the package ships (algm/shipped) and compare"
+	@echo "                    them with the shipped files: tensors and mIoU (about 25 min on 2 cores)"
 	@echo "make gpu-check      CUDA tests + GPU throughput/GFLOPs into results/gpu-<gpu> (< 8 min;"
 	@echo "                    DEVICE=cuda|cpu BUDGET=full|tiny GPU_CHECK_OUT=dir; no GPU: says so, exit 0)"
 	@echo "make clean          remove build artefacts and caches of this checkout"
@@ -51,6 +53,10 @@ test: install
 bench: install
 	$(BIN)/algm-bench bench --dataset $(DATASET) $(if $(CHECKPOINTS),--checkpoints $(CHECKPOINTS)) \
 		$(if $(UPDATE_REFERENCE),--update-reference,--out results/local/$(DATASET)) $(BENCH_ARGS)
+
+# Retrain the trained parts shipped with the package (algm/shipped) and compare (about 25 min)
+verify-parts: install
+	$(BIN)/algm-bench parts --verify
 
 gpu-check: install
 	$(BIN)/python -m suites.gpu_check --device $(DEVICE) --budget $(BUDGET) \

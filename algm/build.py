@@ -3,15 +3,14 @@ or a timm model into a ready Segmenter."""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
 from torch import Tensor, nn
 
-from algm.config import (BACKBONES, DEFAULT_BACKBONE, DEFAULT_DATASET, TIMM_SOURCE, DatasetSpec, DecoderConfig,
-                         ViTConfig, check_window, get_backbone, get_dataset)
+from algm.config import (DEFAULT_BACKBONE, DEFAULT_DATASET, TIMM_SOURCE, DatasetSpec, DecoderConfig, ViTConfig,
+                         backbone_name, check_window, get_backbone, get_dataset)
 from algm.data.windows import default_stride, frames_batch, split_windows
 from algm.methods import build_method
 from algm.model.segmenter import Segmenter, build_segmenter
@@ -19,7 +18,7 @@ from algm.weights import VariantInfo, load_checkpoint, load_pretrained, read_var
 from algm.weights.checkpoint import configs_from_variant
 from algm.weights.mmseg import load_mmseg_checkpoint, mmseg_model, read_mmseg_config
 from algm.weights.timm import is_timm, load_timm_file, load_timm_pretrained
-from algm.files import file_sha256
+from algm.files import checkpoint_sha256
 
 
 # dataset_kwargs.dataset of official variant.yml files -> the suite's dataset names.
@@ -202,25 +201,3 @@ def _checkpoint_setup(path: Path, backbone: str | None, dataset: str | None, met
     weights = Weights("checkpoint", str(path), checkpoint_sha256(path)[:12])
     return Setup(model=model.eval(), backbone=cfg, dataset=facts.dataset, window=window,
                  stride=info.stride, weights=weights)
-
-
-def checkpoint_sha256(path: str | Path) -> str:
-    """Hex sha256 of a checkpoint file, hashed once per process for each version of the
-    file (checkpoints are large and a suite builds several models from one)."""
-    stat = Path(path).stat()
-    return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=64)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a changed file is hashed anew
-    return file_sha256(Path(path))
-
-
-def backbone_name(cfg: ViTConfig) -> str:
-    """The suite's name of an encoder of this shape (``vit-s16``), else its own name."""
-    shape = (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.patch_size, cfg.layer_scale)
-    for name, known in BACKBONES.items():
-        if known.weights is None and shape == (known.embed_dim, known.depth, known.num_heads,
-                                               known.patch_size, known.layer_scale):
-            return name
-    return cfg.name

@@ -5,7 +5,8 @@ missing data) print one line and exit with status 2; nothing is written.
 
 Parsing imports only the chosen command's module and, for ``--method M``, M's plugin:
 ``--help`` and usage errors answer without torch (the commands import it when they run;
-``train-head`` and ``finetune`` still import it for their defaults).
+``train-head`` and ``finetune`` read their defaults from the torch-free
+:mod:`algm.training.defaults`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ COMMANDS = {
     "compare-methods": ("predict", "none vs every method side by side on one image"),
     "train-head": ("train_head", "train the decoder on the frozen encoder (cached features), report mIoU"),
     "train": ("train", "train the parts a method needs besides the decoder (exit heads, a learned policy, ...)"),
+    "parts": ("parts", "the trained parts shipped with the package; --verify retrains them and compares"),
     "finetune": ("finetune", "fine-tune encoder + decoder with a method active (official-format checkpoint)"),
     "fetch": ("fetch", "download the public Segmenter / ALGM checkpoints and the data set"),
 }

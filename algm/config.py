@@ -315,3 +315,13 @@ def timm_cached_file(name: str) -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+def backbone_name(cfg: ViTConfig) -> str:
+    """The suite's name of an encoder of this shape (``vit-s16``), else its own name."""
+    shape = (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.patch_size, cfg.layer_scale)
+    for name, known in BACKBONES.items():
+        if known.weights is None and shape == (known.embed_dim, known.depth, known.num_heads,
+                                               known.patch_size, known.layer_scale):
+            return name
+    return cfg.name

@@ -2,9 +2,10 @@
 
 Checkpoints land in ``<checkpoints root>/<dataset>/<backbone>/<method>/<file>`` (the
 layout ``bench --checkpoints`` reads: ``method`` is ``none`` for the Segmenter baseline,
-else the method the weights were trained with); data lands in ``<data root>/``, a zip
-extracted there so that ``<data root>/<extracts_to>`` exists (the layout
-``algm.data.datasets`` reads).
+else the method the weights were trained with); data lands in ``<data root>/``, the root
+``algm.data.datasets`` reads: a zip extracted there so that ``<data root>/<extracts_to>``
+exists, or (``converts``: a folder of the zip in its publisher's layout) converted into
+ours right in the data root (:data:`LAYOUTS`: CamVid from the SegNet tutorial).
 
 Sources: ``http(s)://`` URLs through pooch, Google Drive links through gdown, and local
 files (``file://`` URLs or plain paths, relative ones to the manifest's folder) for
@@ -16,7 +17,10 @@ bytes received so far in ``.<name>.part`` beside the target and asks for the res
 Checksums: a file must match the manifest's ``sha256`` (else its ``sha1``) where given;
 otherwise the sha256 of its first download is pinned in ``<root>/zoo.lock.json`` and
 checked from then on. pooch checks the hash before it moves the download into place, so
-a corrupted download leaves nothing at the target (nor a partial file to resume).
+a corrupted download leaves nothing at the target (nor a partial file to resume). A
+converted data set is also checked file by file against its ``checksums`` list
+(``sha256sum`` lines, e.g. ``suites/camvid-labels.sha256``) before any of it reaches the
+data root.
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterator, NamedTuple
 from urllib.parse import unquote, urlparse
 
 import gdown
@@ -41,7 +45,8 @@ from tqdm import tqdm
 
 from algm.atomic import write_json
 from algm.cache import cache_dir
-from algm.files import read_text
+from algm.data.datasets import resolve_root
+from algm.files import file_sha256, read_text
 from algm.safe_yaml import brief, clip, load_yaml
 
 LOCK_NAME = "zoo.lock.json"
@@ -60,7 +65,9 @@ class Item:
     """One file of the manifest: its source and where it lands (``root / relpath``).
 
     ``url`` None: no public download (``note`` says how to get it). ``extracts_to``: the
-    file is a zip holding that folder, to be extracted into ``root``."""
+    file is a zip holding that folder, to be extracted into ``root``. ``converts``: the
+    zip's folder to convert into ``layout`` (a key of :data:`LAYOUTS`) at ``root``, every
+    file listed in ``checksums`` (a path) checked first."""
 
     url: str | None
     root: Path
@@ -69,6 +76,9 @@ class Item:
     sha1: str | None = None
     extracts_to: str | None = None
     note: str | None = None
+    converts: str | None = None
+    layout: str | None = None
+    checksums: str | None = None
 
     @property
     def target(self) -> Path:
@@ -77,8 +87,9 @@ class Item:
 
 @dataclass(frozen=True)
 class Fetched:
-    """A file or extracted folder in place. ``status``: downloaded, present or extracted;
-    ``sha256`` of the file (None for a folder found already extracted)."""
+    """A file, extracted folder or converted data root in place. ``status``: downloaded,
+    present, extracted or converted; ``sha256`` of the file (None for data found already
+    in place)."""
 
     path: Path
     sha256: str | None
@@ -90,14 +101,6 @@ def checkpoints_dir(path: str | Path | None = None) -> Path:
     if path is not None:
         return Path(path)
     return Path(os.environ.get(CHECKPOINTS_ENV) or cache_dir("checkpoints"))
-
-
-def data_dir(path: str | Path | None = None) -> Path:
-    """The data root: ``path``, else ``$DATA_ROOT`` (no default: the data is large)."""
-    path = path if path is not None else os.environ.get("DATA_ROOT") or None
-    if path is None:
-        raise ValueError("no data root: pass --data-root (data_root=) or set DATA_ROOT")
-    return Path(path)
 
 
 def layout_dir(root: str | Path, dataset: str, backbone: str, method: str) -> Path:
@@ -115,7 +118,7 @@ def fetch(dataset: str, manifest: str | Path, backbones: list[str] | None = None
     or selection) and FileNotFoundError (no public download, missing local source)."""
     items = select(load_manifest(manifest), Path(manifest).resolve().parent, dataset, backbones,
                    checkpoints_root=checkpoints_dir(checkpoints_root),
-                   data_root=data_dir(data_root) if data else None)
+                   data_root=resolve_root(dataset, data_root) if data else None)
     return [fetch_item(item, progress) for item in items]
 
 
@@ -153,9 +156,11 @@ def _check_manifest(manifest) -> None:
             missing = [k for k in needed if k not in entry]
             if missing:
                 raise ValueError(f"{where} lacks {', '.join(missing)}")
-            for key in ("dataset", "backbone", "method", "file", "extracts_to"):
+            for key in ("dataset", "backbone", "method", "file", "extracts_to", "converts", "checksums"):
                 if key in entry and not (isinstance(entry[key], str) and entry[key]):
                     raise ValueError(f"{where}.{key} must be a name, got {brief(entry[key])}")
+            if "converts" in entry or "checksums" in entry:
+                _check_conversion(entry, where)
             files = entry.get("files", {}) if section == "checkpoints" else {"": entry}
             if not isinstance(files, dict):
                 raise ValueError(f"{where}.files must map file names to sources, got {brief(files)}")
@@ -167,6 +172,21 @@ def _check_manifest(manifest) -> None:
                     raise ValueError(f"{spot}.url must be a string, got {brief(spec['url'])}")
                 for algorithm, digits in HASH_DIGITS.items():
                     _check_hash(spec.get(algorithm), algorithm, digits, spot)
+
+
+def _check_conversion(entry: dict, where: str) -> None:
+    """A data entry with ``converts`` names a dataset :data:`LAYOUTS` can build, its
+    ``checksums`` list and no ``extracts_to``; ``checksums`` comes only with ``converts``."""
+    if "converts" not in entry:
+        raise ValueError(f"{where}.checksums applies to converted data only; it lacks converts")
+    if entry["dataset"] not in LAYOUTS:
+        raise ValueError(f"{where}.converts: no conversion into the {entry['dataset']} layout; "
+                         f"there is one for: {', '.join(LAYOUTS)}")
+    if "checksums" not in entry:
+        raise ValueError(f"{where} converts {entry['converts']} but lacks checksums (the list of "
+                         f"files the conversion must produce)")
+    if "extracts_to" in entry:
+        raise ValueError(f"{where} has both converts and extracts_to; give one")
 
 
 def _check_hash(value, algorithm: str, digits: int, where: str) -> None:
@@ -208,7 +228,9 @@ def select(manifest: dict, base: Path, dataset: str, backbones: list[str] | None
                 raise FileNotFoundError(f"{dataset} data has no public download: {e.get('note')}; "
                                         f"put it under {data_root} by hand")
             items.append(Item(_resolve(e["url"], base), data_root, e["file"], e.get("sha256"),
-                              e.get("sha1"), e.get("extracts_to"), e.get("note")))
+                              e.get("sha1"), e.get("extracts_to"), e.get("note"), converts=e.get("converts"),
+                              layout=dataset if e.get("converts") else None,
+                              checksums=_resolve(e.get("checksums"), base)))
     for item in items:  # every path this fetch writes, checked before anything is downloaded
         inside(item.root, item.relpath)
         if item.extracts_to:
@@ -230,13 +252,33 @@ def inside(root: Path, relpath: str) -> Path:
 
 
 def fetch_item(item: Item, progress: bool = True) -> Fetched:
-    """Download (or check) one item and extract it if it is a zip."""
+    """Download (or check) one item and extract or convert it if it is a zip."""
+    if item.converts:
+        return _fetch_converted(item, progress)
     if item.extracts_to and (item.root / item.extracts_to).is_dir():
         return Fetched(item.root / item.extracts_to, None, "present")  # extracted whole or not at all
     fetched = _ensure_file(item, progress)
     if item.extracts_to:
         return Fetched(extract(item.target, item.root, item.extracts_to), fetched.sha256, "extracted")
     return fetched
+
+
+def _fetch_converted(item: Item, progress: bool) -> Fetched:
+    """The data root in the item's layout, converted from its zip unless already there.
+    A layout only partly there (a copy made by hand, an interrupted move) is refused
+    before any download: it is not ours to overwrite."""
+    layout = LAYOUTS[item.layout]
+    present = [name for name in layout.entries if (item.root / name).exists()]
+    if len(present) == len(layout.entries):
+        return Fetched(item.root, None, "present")
+    if present:
+        missing = [name for name in layout.entries if name not in present]
+        raise ValueError(f"{item.root} holds {present[0]} but not all of the {item.layout} layout "
+                         f"({', '.join(missing)} missing); move it away or delete it, then fetch again")
+    checksums = read_checksums(item.checksums)  # a bad list fails before the download
+    fetched = _ensure_file(item, progress)
+    convert(fetched.path, item.root, item.converts, layout, checksums, item.checksums)
+    return Fetched(item.root, fetched.sha256, "converted")
 
 
 def _ensure_file(item: Item, progress: bool) -> Fetched:
@@ -381,23 +423,32 @@ def extract(archive: Path, root: Path, folder: str, limits: ExtractLimits = Extr
     breach stops with a ValueError and leaves nothing."""
     staging = Path(tempfile.mkdtemp(prefix=f".{folder}.", dir=root))
     try:
-        try:
-            with zipfile.ZipFile(archive) as zf:
-                _extract_all(zf, staging, archive, limits)
-        except zipfile.BadZipFile as err:
-            raise ValueError(f"{archive} is not a valid zip ({err}); delete it to download it again") from err
-        if not (staging / folder).is_dir():
-            raise ValueError(f"{archive} does not hold the folder {folder}/ the manifest expects")
+        _unzip(archive, staging, folder, limits)
         os.replace(staging / folder, root / folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return root / folder
 
 
-def _extract_all(zf: zipfile.ZipFile, staging: Path, archive: Path, limits: ExtractLimits) -> None:
-    """Write every member of ``zf`` under ``staging`` as plain files and folders (symlink
-    members become files holding their target, as ``zipfile`` writes them)."""
-    members = zf.infolist()
+def _unzip(archive: Path, staging: Path, folder: str, limits: ExtractLimits) -> None:
+    """The members of ``archive`` under ``folder`` (and no others) written under ``staging``,
+    within ``limits``; a ValueError if the zip is damaged or lacks the folder."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            _extract_all(zf, staging, archive, limits, folder)
+    except zipfile.BadZipFile as err:
+        raise ValueError(f"{archive} is not a valid zip ({err}); delete it to download it again") from err
+    if not (staging / folder).is_dir():
+        raise ValueError(f"{archive} does not hold the folder {folder}/ the manifest expects")
+
+
+def _extract_all(zf: zipfile.ZipFile, staging: Path, archive: Path, limits: ExtractLimits,
+                 folder: str | None = None) -> None:
+    """Write every member of ``zf`` (only those under ``folder`` if given) under ``staging``
+    as plain files and folders (symlink members become files holding their target, as
+    ``zipfile`` writes them)."""
+    prefix = folder.rstrip("/") + "/" if folder else ""
+    members = [m for m in zf.infolist() if m.filename.startswith(prefix)]
     budget = limits.bytes_for(archive)
     declared = sum(m.file_size for m in members)
     if len(members) > limits.max_members:
@@ -429,6 +480,133 @@ def _member_path(staging: Path, name: str, archive: Path) -> Path:
         raise ValueError(f"{archive} holds the member {brief(name)}, which leaves the folder it "
                          f"extracts to; refusing to extract it")
     return staging.joinpath(*parts)
+
+
+class Layout(NamedTuple):
+    """A dataset's layout built from its publisher's: ``convert(source, out, checksums,
+    where, listed_in)`` builds in ``out`` the ``entries`` to put at the data root, which
+    move there in this order (the split lists last: the data looks complete only once
+    they are all in)."""
+
+    entries: tuple[str, ...]
+    convert: Callable[[Path, Path, dict[str, str], str, str], None]
+
+
+def convert(archive: Path, root: Path, folder: str, layout: Layout, checksums: dict[str, str],
+            listed_in: str, limits: ExtractLimits = ExtractLimits()) -> Path:
+    """Build ``layout`` at ``root`` from the zip's ``folder``: extracted (within ``limits``)
+    and converted in a staging folder inside ``root``, every file of ``checksums`` (read
+    from ``listed_in``) checked there, and only then moved into place. A failure is a
+    ValueError naming the file, and ``root`` is left as it was."""
+    staging = Path(tempfile.mkdtemp(prefix=".convert.", dir=root))
+    where = f"{archive}: {folder}"  # the files named in errors, as the zip holds them
+    try:
+        _unzip(archive, staging / "zip", folder, limits)
+        out = staging / "out"
+        out.mkdir()
+        layout.convert(staging / "zip" / folder, out, checksums, where, listed_in)
+        check_checksums(out, checksums, where, listed_in)
+        for name in layout.entries:
+            os.replace(out / name, root / name)
+    except ValueError as err:
+        raise ValueError(f"{err}; nothing was converted into {root}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return root
+
+
+def read_checksums(path: str | Path) -> dict[str, str]:
+    """``{relative path: sha256}`` of a ``sha256sum`` list (``<64 hex>  <path>`` lines, ``#``
+    comments and blank lines skipped); a bad line, or a path that is absolute or climbs,
+    is a ValueError naming the file and line."""
+    checksums = {}
+    for number, line in enumerate(read_text(path, "checksum list").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        match = re.fullmatch(r"([0-9a-fA-F]{64}) [ *](\S.*)", line.rstrip())
+        relpath = PurePosixPath(match[2]) if match else None
+        if relpath is None or relpath.is_absolute() or ".." in relpath.parts:
+            raise ValueError(f"{path}, line {number}: expected '<sha256>  <relative path>', "
+                             f"got {brief(line)}")
+        checksums[relpath.as_posix()] = match[1].lower()
+    return checksums
+
+
+def check_checksums(folder: Path, checksums: dict[str, str], where: str, listed_in: str | Path) -> None:
+    """Every file of ``checksums`` is under ``folder`` with its sha256; else a ValueError
+    naming the first that is not, as ``<where>/<relative path>``."""
+    for relpath, digest in checksums.items():
+        path = folder / relpath
+        if not path.is_file():
+            raise ValueError(f"{where}/{relpath} is missing (listed in {listed_in})")
+        actual = file_sha256(path)
+        if actual != digest:
+            raise ValueError(f"{where}/{relpath} does not match its sha256 in {listed_in} "
+                             f"(got {actual[:12]}..., expected {digest[:12]}...)")
+
+
+CAMVID_SPLITS = ("train", "val", "test")
+
+
+def _segnet_camvid(source: Path, out: Path, checksums: dict[str, str], where: str, listed_in: str) -> None:
+    """Our CamVid layout (:mod:`algm.data.datasets`) in ``out`` from the SegNet tutorial's
+    ``CamVid/`` folder ``source``: its ``{split}/<name>.png`` images (kept as PNG, which the
+    loader reads where there is no ``.jpg``) and ``{split}annot/<name>.png`` labels moved
+    as they are, each ``{split}.txt`` (``/SegNet/CamVid/train/<name>.png
+    /SegNet/CamVid/trainannot/<name>.png`` lines) rewritten as frame names. A list must
+    name exactly the frames whose labels ``checksums`` lists (the committed list: 367
+    train, 101 val, 233 test frames), each with its image; the labels themselves are
+    checked by :func:`convert`."""
+    for split in CAMVID_SPLITS:
+        listing = f"{where}/{split}.txt"
+        names = _segnet_names(source / f"{split}.txt", listing)
+        labelled = sorted(PurePosixPath(p).stem for p in checksums
+                          if PurePosixPath(p).parent.as_posix() == f"{split}annot" and p.endswith(".png"))
+        _same_frames(names, labelled, listing, listed_in)
+        for name in names:
+            if not (source / split / f"{name}.png").is_file():
+                raise ValueError(f"{where}/{split}/{name}.png is missing (a frame of {split}.txt)")
+        for folder in (split, f"{split}annot"):
+            if (source / folder).is_dir():
+                os.replace(source / folder, out / folder)
+            else:  # no labels at all: the checksum check names the first missing one
+                (out / folder).mkdir()
+        (out / f"{split}.txt").write_text("".join(f"{name}\n" for name in names))
+
+
+def _segnet_names(path: Path, where: str) -> list[str]:
+    """The frame names of a SegNet split list: the common stem of each ``<image>.png
+    <label>.png`` line."""
+    if not path.is_file():
+        raise ValueError(f"{where} is missing")
+    names = []
+    for number, line in enumerate(read_text(path, "split list").splitlines(), 1):
+        fields = line.split()
+        stems = {PurePosixPath(field).stem for field in fields}
+        if fields and (len(fields) != 2 or len(stems) != 1):
+            raise ValueError(f"{where}, line {number}: expected '<image>.png <label>.png' of one frame, "
+                             f"got {brief(line)}")
+        names.extend(stems)
+    return names
+
+
+def _same_frames(names: list[str], labelled: list[str], where: str, listed_in: str) -> None:
+    """A split list names each labelled frame once and nothing else; else a ValueError
+    with the counts and the first difference."""
+    if sorted(names) == labelled:
+        return
+    missing, extra = sorted(set(labelled) - set(names)), sorted(set(names) - set(labelled))
+    detail = (f"without {missing[0]}" if missing else f"with {extra[0]}, which has no label there" if extra
+              else "a frame twice")
+    raise ValueError(f"{where} lists {len(names)} frames, {listed_in} has labels for {len(labelled)} "
+                     f"({detail})")
+
+
+# dataset -> the layout its data entry's ``converts`` folder is converted into
+LAYOUTS: dict[str, Layout] = {
+    "camvid": Layout(tuple(f"{split}{kind}" for kind in ("", "annot") for split in CAMVID_SPLITS)
+                     + tuple(f"{split}.txt" for split in CAMVID_SPLITS), _segnet_camvid),
+}
 
 
 class Lock:

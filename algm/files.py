@@ -8,6 +8,7 @@ instead of hanging, exhausting memory or printing a traceback.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import stat
 from pathlib import Path
@@ -63,3 +64,15 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """Hex sha256 of a checkpoint file, hashed once per process for each version of the
+    file (checkpoints are large and a suite builds several models from one)."""
+    info = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), info.st_size, info.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a changed file is hashed anew
+    return file_sha256(Path(path))

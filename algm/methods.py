@@ -219,8 +219,11 @@ def build_method(name: str, backbone: ViTConfig, dataset: DatasetSpec, **options
 
 
 def required_training(name: str, backbone: ViTConfig, dataset: DatasetSpec, **options) -> list:
-    """The :class:`~algm.reduction.TrainingTask` list method ``name`` still needs."""
-    return method_class(name).required_training(method_config(name, **options), backbone, dataset)
+    """The :class:`~algm.reduction.TrainingTask` list method ``name`` still needs, once the
+    parts the package ships (:func:`algm.shipped.install_tasks`) are in the cache."""
+    from algm.shipped import install_tasks
+
+    return install_tasks(method_class(name).required_training(method_config(name, **options), backbone, dataset))
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:

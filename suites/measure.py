@@ -338,3 +338,12 @@ def _evaluate(setup: Setup, dataset, suite: Suite, setting: Setting, opts: RunOp
                       images_per_batch=setting.batch or 1)
     setup.model.to("cpu")
     return result.miou  # MIoUResult is in percent
+
+
+def row_miou(suite: Suite, plan_row: Row, opts: RunOptions) -> dict:
+    """``miou`` and ``miou_trained`` (%) of one row on real offline weights, as
+    :func:`measure_row` reports them; missing parts and heads are trained first."""
+    train_missing_parts(suite, plan_row.backbone, plan_row.setting, opts)
+    setup = setup_for(suite, plan_row.backbone, plan_row.setting, pretrained=True)
+    setup.model.eval()
+    return _miou(suite, setup, baseline_for(suite, plan_row, setup), plan_row, opts)

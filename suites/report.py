@@ -100,6 +100,9 @@ def duration_note(records: list[RowRecord], run: dict | None) -> str:
         text += (f"This run took {run['wall_seconds'] / 60:.1f} min of wall time "
                  f"({run.get('rows_measured', 0)} of {len(records)} rows measured or timed in it, the rest "
                  f"read from the row cache). ")
+        if run.get("first_answer_seconds") is not None:
+            text += (f"Its first complete table (each method's first setting) was written "
+                     f"{run['first_answer_seconds'] / 60:.1f} min after it started. ")
     else:
         text += "The wall time of the run that measured these rows was not recorded. "
     return text + (f"Measuring the rows took {summed / 60:.1f} min in all (each row's own measuring time when "
@@ -293,7 +296,7 @@ def cached_rows(suite, opts) -> list[dict]:
     return rows
 
 
-def _partial_report(rows: list[dict], planned: int, suite, out: Path, title: str) -> None:
+def _partial_report(rows: list[dict], planned: int, suite, out: Path, title: str, minutes: float) -> None:
     """The tables and CSV of the rows finished so far (no figures, no galleries), so a
     first answer (each method's default setting) is there before the sweeps are done."""
     from algm import distributed
@@ -302,8 +305,8 @@ def _partial_report(rows: list[dict], planned: int, suite, out: Path, title: str
         return
     with staging_dir(out) as staging:
         write_reports(rows, staging, suite.published, f"{title} (partial: {len(rows)} of {planned} rows, "
-                      "each method's first setting first)", split=suite.split, label=f"tab:{suite.name}",
-                      figures=False)
+                      f"each method's first setting first; {minutes:.1f} min into the run)", split=suite.split,
+                      label=f"tab:{suite.name}", figures=False)
         publish(staging, out)
 
 
@@ -323,10 +326,16 @@ def run_and_report(suite, opts, out: Path, *, report_only: bool = False, update_
     if report_only:
         rows, run = cached_rows(suite, opts), None
     else:
-        measured = []
-        rows = run_suite(suite, opts, on_measured=measured.append,
-                         on_progress=lambda done, planned: _partial_report(done, planned, suite, out, title))
-        run = {"wall_seconds": time.perf_counter() - start, "rows_measured": len(measured)}
+        measured, first = [], []
+
+        def progress(done: list[dict], planned: int) -> None:
+            _partial_report(done, planned, suite, out, title, (time.perf_counter() - start) / 60)
+            if not first:
+                first.append(time.perf_counter() - start)
+
+        rows = run_suite(suite, opts, on_measured=measured.append, on_progress=progress)
+        run = {"wall_seconds": time.perf_counter() - start, "rows_measured": len(measured),
+               "first_answer_seconds": first[0] if first else None}
     if not distributed.is_main():
         return None
     machine = machine_record(opts.device)

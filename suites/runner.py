@@ -21,10 +21,11 @@ from typing import Callable
 from tqdm import tqdm
 
 from algm import atomic, distributed
-from algm.build import Setup, checkpoint_sha256
+from algm.build import Setup
 from algm.cache import cache_dir, move_aside
 from algm.config import get_backbone, get_dataset
 from algm.data.datasets import build_dataset, check_files
+from algm.files import checkpoint_sha256
 from algm.fetch import layout_dir
 from algm.methods import build_method
 from algm.safe_yaml import brief, clip

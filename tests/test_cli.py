@@ -100,7 +100,8 @@ def imported_after_parsing(argv: list[str]) -> set[str]:
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["flops", "--help"], ["fetch", "--help"], ["bogus"],
-                                  ["compare", "--help"]])
+                                  ["compare", "--help"], ["bench", "--help"], ["train-head", "--help"],
+                                  ["finetune", "--help"]])
 def test_help_and_usage_errors_do_not_import_torch(argv):
     loaded = imported_after_parsing(argv)
     assert "torch" not in loaded

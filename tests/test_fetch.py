@@ -367,9 +367,6 @@ def test_bad_selections_are_clear_errors(tmp_path, monkeypatch):
         zoo.fetch("camvid", manifest, checkpoints_root=tmp_path)
     with pytest.raises(ValueError, match="no ade20k checkpoints for vit-h14.*it has: vit-s16"):
         zoo.fetch("ade20k", manifest, backbones=["vit-h14"], checkpoints_root=tmp_path)
-    monkeypatch.delenv("DATA_ROOT", raising=False)
-    with pytest.raises(ValueError, match="no data root"):
-        zoo.fetch("ade20k", manifest, data=True, checkpoints_root=tmp_path)
     with pytest.raises(FileNotFoundError, match="no public download: register at cityscapes-dataset.com"):
         zoo.fetch("cityscapes", manifest, data=True, checkpoints_root=tmp_path, data_root=tmp_path)
     write_manifest(tmp_path / "bad.yaml", [{"dataset": "ade20k", "backbone": "vit-s16"}])
@@ -384,8 +381,6 @@ def test_roots_default_to_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv(zoo.CHECKPOINTS_ENV)
     monkeypatch.setenv("ALGM_BENCH_CACHE", str(tmp_path / "cache"))
     assert zoo.checkpoints_dir() == tmp_path / "cache" / "checkpoints"
-    monkeypatch.setenv("DATA_ROOT", str(tmp_path / "data"))
-    assert zoo.data_dir() == tmp_path / "data"
 
 
 def test_the_zoo_lists_the_published_ade20k_checkpoints_and_data():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -154,9 +155,9 @@ def test_each_methods_first_setting_is_measured_first_and_reported_before_the_sw
     bench.suite.write_text(SUITE.replace("algm: [{}]", "algm: [{tau: 0.9}, {}]\n  tome: [{r: 8}, {r: 4}]"))
     partial, tables, write = [], [], suites.report._partial_report
 
-    def spy(rows, planned, suite, out, title):
+    def spy(rows, planned, suite, out, title, minutes):
         partial.append(([r["setting"] for r in rows], planned))
-        write(rows, planned, suite, out, title)
+        write(rows, planned, suite, out, title, minutes)
         tables.append((out / "table.md").read_text())
 
     monkeypatch.setattr(suites.report, "_partial_report", spy)
@@ -164,5 +165,11 @@ def test_each_methods_first_setting_is_measured_first_and_reported_before_the_sw
     assert code == 0 and measured == ["none", "algm", "tome(r=8)", "algm(tau=0.9)", "tome(r=4)"]
     assert partial == [(["none", "algm", "tome(r=8)"], 5), (["none", "algm(tau=0.9)", "algm", "tome(r=8)"], 5)]
     assert "(partial: 3 of 5 rows" in tables[0] and "r=8" in tables[0] and "tau=0.9" not in tables[0]
+    assert re.search(r"first setting first; \d+\.\d min into the run\)", tables[0])
+    out = bench.rows.parents[2] / "out"
+    run = json.loads((out / "run.json").read_text())
+    assert 0 < run["first_answer_seconds"] < run["wall_seconds"]
+    assert (f"Its first complete table (each method's first setting) was written "
+            f"{run['first_answer_seconds'] / 60:.1f} min after it started.") in (out / "table.md").read_text()
     assert bench() == (0, [], [])  # all cached: one partial report when the first answers are read
     assert len(partial) == 3 and "partial" not in (bench.rows.parents[2] / "out" / "table.md").read_text()

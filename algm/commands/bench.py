@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from algm.commands.common import DATA_ROOT_HELP, add_nproc_argument, device
-from algm.fetch import CHECKPOINTS_ENV, checkpoints_dir
+from algm.commands.common import DATA_ROOT_HELP, TRUSTED_WARNING, add_nproc_argument, device
+
+if TYPE_CHECKING:
+    from suites.definition import Suite
 
 
 def check_writable(out: Path) -> None:
@@ -16,6 +20,28 @@ def check_writable(out: Path) -> None:
     parent = next(p for p in (out, *out.parents) if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"--out {out}: {parent} is not a writable folder")
+
+
+def checked_mmseg_backbone(args: argparse.Namespace, suite: Suite) -> str | None:
+    """The suite backbone of the ``--checkpoint`` / ``--mmseg-config`` pair (None without
+    them), read from the config alone and checked against the suite's dataset and
+    backbones and ``--backbones``: bad input fails before anything is converted or written."""
+    from algm.build import checkpoint_facts
+
+    if args.checkpoint is None and args.mmseg_config is None:
+        return None
+    if args.checkpoint is None or args.mmseg_config is None:
+        raise ValueError("--mmseg-config CONFIG.py describes a --checkpoint FILE.pth: pass both "
+                         "(official checkpoints: --checkpoints DIR)")
+    if args.checkpoints:
+        raise ValueError("give either --checkpoints DIR or --checkpoint with --mmseg-config, not both")
+    backbone = checkpoint_facts(args.checkpoint, dataset=suite.dataset, mmseg_config=args.mmseg_config).backbone
+    if backbone not in suite.backbones:
+        raise ValueError(f"--checkpoint {args.checkpoint}: its backbone {backbone} is not in suite {suite.name} "
+                         f"({', '.join(suite.backbones)})")
+    if args.backbones and backbone not in args.backbones:
+        raise ValueError(f"--backbones {','.join(args.backbones)} leaves out {backbone}, the --checkpoint's")
+    return backbone
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,7 +61,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="official checkpoints as DIR/<dataset>/<backbone>/<method>/{checkpoint.pth,"
                         "variant.yml} (the layout `algm-bench fetch` writes): none/ is the baseline "
                         "every method is applied to, <method>/ a model trained with that method "
-                        f"(default: ${CHECKPOINTS_ENV}, else the cache's checkpoints/)")
+                        "(default: $ALGM_BENCH_CHECKPOINTS, else the cache's checkpoints/)")
+    p.add_argument("--checkpoint", default=None, metavar="FILE.pth",
+                   help="instead of --checkpoints: an mmsegmentation Segmenter checkpoint (with "
+                        "--mmseg-config) as the none/ model of its backbone, converted once into the cache; "
+                        "the suite is restricted to that backbone unless --backbones says otherwise")
+    p.add_argument("--mmseg-config", default=None, metavar="CONFIG.py",
+                   help="the --checkpoint's mmseg config, read without running it")
+    p.add_argument("--trusted", action="store_true",
+                   help="convert a --checkpoint whose metadata needs full unpickling (torch.load "
+                        "weights_only=False RUNS CODE in the file: trusted files only)")
     p.add_argument("--backbones", default=None, type=lambda t: tuple(b for b in t.split(",") if b),
                    help="only these backbones of the suite, e.g. vit-s16,vit-b16")
     p.add_argument("--device", type=device, default="cpu", help="device for throughput (default: cpu)")
@@ -58,6 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from algm import distributed
+    from algm.fetch import checkpoints_dir
     from suites.definition import load_suite
     from suites.plan import RunOptions
     from suites.report import check_reference, run_and_report
@@ -69,16 +105,27 @@ def run(args: argparse.Namespace) -> int:
                          f"{', '.join(dict.fromkeys(s.method for s in suite.settings))}")
     out = Path(args.out) if args.out else Path.cwd() / "results" / suite.name
     check_reference(out, args.update_reference)  # before hours of measuring, not after
+    mmseg_backbone = checked_mmseg_backbone(args, suite)
     distributed.init()
     if args.checkpoints and not Path(args.checkpoints).is_dir():
         raise NotADirectoryError(f"--checkpoints {args.checkpoints}: no such folder (expected "
                                  f"<dir>/{suite.dataset}/<backbone>/<method>/checkpoint.pth)")
-    checkpoints = checkpoints_dir(args.checkpoints)
     check_writable(out)
+    backbones = args.backbones
+    if mmseg_backbone is None:
+        checkpoints = checkpoints_dir(args.checkpoints)
+    else:
+        from algm.weights.mmseg import converted_checkpoints
+
+        if args.trusted:
+            print(TRUSTED_WARNING, file=sys.stderr)
+        checkpoints = distributed.broadcast_object(converted_checkpoints(
+            args.mmseg_config, args.checkpoint, suite.dataset, args.trusted) if distributed.is_main() else None)
+        backbones = backbones or (mmseg_backbone,)
     opts = RunOptions(data_root=args.data_root, flops_only=args.flops_only, device=args.device,
                       fresh=args.fresh, fresh_methods=tuple(args.fresh_method),
                       progress=not args.no_progress, checkpoints=str(checkpoints),
-                      backbones=args.backbones, untimed=args.untimed)
+                      backbones=backbones, untimed=args.untimed)
     written = run_and_report(suite, opts, out, report_only=args.report_only,
                              update_reference=args.update_reference)
     for path in written or ():

@@ -160,9 +160,10 @@ def gflops_per_image(model, window: tuple[int, int], windows=None) -> list[float
     return average_flops(model, windows, signature)[1]
 
 
-def has_weights(backbone: str | None) -> bool:
-    """True for backbones with real offline weights (measured with them by default)."""
-    return get_backbone(backbone or DEFAULT_BACKBONE).weights is not None
+def has_weights(backbone: str | None, weights: str | None = None) -> bool:
+    """True when the encoder gets real weights: a ``--weights`` file, or a backbone with
+    real offline weights (measured with them by default)."""
+    return weights is not None or get_backbone(backbone or DEFAULT_BACKBONE).weights is not None
 
 
 def setup_from_args(args: argparse.Namespace, pretrained: bool | None = None, method: str | None = None) -> Setup:
@@ -180,7 +181,7 @@ def setup_from_args(args: argparse.Namespace, pretrained: bool | None = None, me
         return make_setup(args.backbone, args.dataset, name, window=window, checkpoint=args.checkpoint,
                           trusted=args.trusted, mmseg_config=getattr(args, "mmseg_config", None), **options)
     if pretrained is None:
-        pretrained = has_weights(args.backbone)
+        pretrained = has_weights(args.backbone, getattr(args, "weights", None))
     return make_setup(args.backbone, args.dataset, name, window=window,
                       decoder=DecoderConfig(args.decoder), pretrained=pretrained,
                       weights=getattr(args, "weights", None), trusted=getattr(args, "trusted", False),

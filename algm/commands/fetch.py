@@ -19,9 +19,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Download a dataset's public checkpoints (suites/zoo.yaml) into "
                     "<checkpoints>/<dataset>/<backbone>/<method>/{checkpoint.pth,variant.yml} "
                     "(method 'none': the Segmenter baseline) and, with --data, the data set into "
-                    "the data root. Partial downloads resume; each file is checked against the "
-                    "manifest's checksum, else against the sha256 pinned on its first download "
-                    "in <root>/zoo.lock.json. Files already in place are checked, not fetched.",
+                    "the data root, the root the other commands read (CamVid: the SegNet "
+                    "tutorial's copy, converted into our layout there). Partial downloads resume; "
+                    "each file is checked against the manifest's checksum, else against the sha256 "
+                    "pinned on its first download in <root>/zoo.lock.json, and CamVid's labels "
+                    "against suites/camvid-labels.sha256. Files already in place are checked, not "
+                    "fetched.",
     )
     p.add_argument("--dataset", required=True, choices=list(DATASETS), help="dataset of the checkpoints")
     p.add_argument("--backbones", type=comma_list, default=None,
@@ -30,7 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoints", default=None,
                    help="checkpoints root (default: $ALGM_BENCH_CHECKPOINTS, else "
                         "$ALGM_BENCH_CACHE/checkpoints)")
-    p.add_argument("--data-root", default=None, help="data root for --data (default: $DATA_ROOT)")
+    p.add_argument("--data-root", default=None,
+                   help="data root for --data (default: where the other commands read it: $DATA_ROOT, else "
+                        "$ALGM_BENCH_DATA/<dataset>)")
     p.add_argument("--manifest", default=str(DEFAULT_MANIFEST),
                    help="manifest YAML; its URLs may be local files downloaded by hand "
                         "(default: suites/zoo.yaml)")

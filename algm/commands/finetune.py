@@ -6,14 +6,17 @@ import argparse
 import dataclasses
 import math
 import sys
+from typing import TYPE_CHECKING
 
 from algm.commands.common import (add_data_arguments, add_model_arguments, add_training_output_arguments,
                                   device, emit, no_head_message, positive_int,
                                   setup_from_args, setup_with_decoder)
-from algm.fetch import layout_dir
-from algm.training.finetune import PRECISIONS, FinetuneConfig, finetune, items_per_epoch
+from algm.training.defaults import (FINETUNE_BATCH_SIZE, FINETUNE_EPOCHS, FINETUNE_FREEZE_BLOCKS, FINETUNE_LR,
+                                    FINETUNE_MIN_LR, FINETUNE_PRECISION, FINETUNE_SEED, FINETUNE_VIEWS,
+                                    TRAIN_PRECISIONS)
 
-DEFAULTS = FinetuneConfig()
+if TYPE_CHECKING:  # torch loads when the command runs, not while it parses
+    from algm.training.finetune import FinetuneConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,24 +37,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_arguments(p, split="train")
     p.add_argument("--head", default=None, help="start decoder: head.pt written by `algm-bench train-head`")
     g = p.add_argument_group("fine-tuning")
-    g.add_argument("--freeze-blocks", type=int, default=DEFAULTS.freeze_blocks,
-                   help=f"leading encoder blocks kept frozen (default: {DEFAULTS.freeze_blocks})")
+    g.add_argument("--freeze-blocks", type=int, default=FINETUNE_FREEZE_BLOCKS,
+                   help=f"leading encoder blocks kept frozen (default: {FINETUNE_FREEZE_BLOCKS})")
     budget = g.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=positive_int, default=None,
-                        help=f"passes over the training items (default: {DEFAULTS.epochs})")
+                        help=f"passes over the training items (default: {FINETUNE_EPOCHS})")
     budget.add_argument("--iters", type=positive_int, default=None,
                         help="iterations instead of epochs (rounded up to whole epochs)")
-    g.add_argument("--views", type=positive_int, default=DEFAULTS.views,
-                   help=f"random views cached per frame with frozen blocks (default: {DEFAULTS.views})")
-    g.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size,
-                   help=f"images per iteration (default: {DEFAULTS.batch_size})")
-    g.add_argument("--lr", type=float, default=DEFAULTS.lr, help=f"peak learning rate (default: {DEFAULTS.lr:g})")
-    g.add_argument("--min-lr", type=float, default=DEFAULTS.min_lr,
-                   help=f"learning rate at the end of the poly decay (default: {DEFAULTS.min_lr:g})")
-    g.add_argument("--seed", type=int, default=DEFAULTS.seed, help="views and shuffling seed")
-    g.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision,
+    g.add_argument("--views", type=positive_int, default=FINETUNE_VIEWS,
+                   help=f"random views cached per frame with frozen blocks (default: {FINETUNE_VIEWS})")
+    g.add_argument("--batch-size", type=positive_int, default=FINETUNE_BATCH_SIZE,
+                   help=f"images per iteration (default: {FINETUNE_BATCH_SIZE})")
+    g.add_argument("--lr", type=float, default=FINETUNE_LR, help=f"peak learning rate (default: {FINETUNE_LR:g})")
+    g.add_argument("--min-lr", type=float, default=FINETUNE_MIN_LR,
+                   help=f"learning rate at the end of the poly decay (default: {FINETUNE_MIN_LR:g})")
+    g.add_argument("--seed", type=int, default=FINETUNE_SEED, help="views and shuffling seed")
+    g.add_argument("--precision", choices=TRAIN_PRECISIONS, default=FINETUNE_PRECISION,
                    help="fp32 or bf16 autocast; auto: bf16 on CUDA and on CPUs with bf16 "
-                        "instructions, else fp32 (default: auto)")
+                        f"instructions, else fp32 (default: {FINETUNE_PRECISION})")
     g.add_argument("--device", type=device, default="auto",
                    help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--out", default=None, help="output folder (default: finetuned/<dataset>/<backbone>/<method>)")
@@ -62,9 +65,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace, n_frames: int) -> FinetuneConfig:
     """The config the arguments describe; ``--iters`` becomes whole epochs."""
+    from algm.training.finetune import FinetuneConfig, items_per_epoch
+
     config = FinetuneConfig(freeze_blocks=args.freeze_blocks, views=args.views, batch_size=args.batch_size,
                             lr=args.lr, min_lr=args.min_lr, seed=args.seed, precision=args.precision,
-                            epochs=args.epochs or DEFAULTS.epochs)
+                            epochs=args.epochs or FINETUNE_EPOCHS)
     if args.iters is None:
         return config
     steps = math.ceil(items_per_epoch(n_frames, config) / config.batch_size)
@@ -75,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     from algm.data.datasets import build_dataset, check_files
     from algm.data.windows import covering_stride
     from algm.evaluate import evaluate
+    from algm.fetch import layout_dir
+    from algm.training.finetune import finetune
 
     setup = setup_with_decoder(args)
     if setup is None:

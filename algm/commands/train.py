@@ -8,7 +8,7 @@ import argparse
 from algm.commands.common import DATA_ROOT_HELP
 from algm.config import (BACKBONES, DATASETS, DEFAULT_BACKBONE, DEFAULT_DATASET, get_backbone, get_dataset,
                          parse_crop)
-from algm.methods import add_method_arguments, method_class, method_config, method_options
+from algm.methods import add_method_arguments, method_class, method_config, method_options, required_training
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,8 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train",
         description="Train what --method needs besides the decoder head, on the frozen encoder with "
                     "real weights, into the cache where the method finds it. Only the missing parts "
-                    "train, unless --retrain. A retrained part gives the method a new identity, so "
-                    "suite rows measured with the old one are measured again.")
+                    "train (parts the package ships are copied instead), unless --retrain. A retrained "
+                    "part gives the method a new identity, so suite rows measured with the old one are "
+                    "measured again.")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=[n for n, c in BACKBONES.items() if c.weights],
                    help=f"encoder with real weights (default: {DEFAULT_BACKBONE})")
     p.add_argument("--dataset", default=DEFAULT_DATASET, choices=list(DATASETS),
@@ -35,13 +36,12 @@ def run(args: argparse.Namespace) -> int:
     from algm.training.features import training_context
 
     backbone, dataset = get_backbone(args.backbone), get_dataset(args.dataset)
-    cls = method_class(args.method)
-    config = method_config(args.method, **method_options(args, args.method))
-    tasks = (cls.training_tasks if args.retrain else cls.required_training)(config, backbone, dataset)
+    options = method_options(args, args.method)
+    every = method_class(args.method).training_tasks(method_config(args.method, **options), backbone, dataset)
+    tasks = every if args.retrain else required_training(args.method, backbone, dataset, **options)
     if not tasks:
-        every = cls.training_tasks(config, backbone, dataset)
-        print(f"{args.method}: nothing to train" + (f" ({len(every)} part(s) already trained; --retrain "
-                                                     f"trains them again)" if every else ""))
+        print(f"{args.method}: nothing to train" + (f" ({len(every)} part(s) already trained or shipped; "
+                                                     f"--retrain trains them again)" if every else ""))
         return 0
     context = training_context(args.data_root, parse_crop(args.crop) if args.crop else None,
                                progress=not args.quiet)

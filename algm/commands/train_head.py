@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from typing import TYPE_CHECKING
+
 from algm.commands.common import (add_data_arguments, add_model_arguments, add_training_output_arguments, emit,
                                   has_weights, setup_from_args)
-from algm.training.head import (
-    DEFAULT_EPOCHS, DEFAULT_LR, TRAIN_PRECISIONS, TrainConfig, evaluate_head, load_head, train_head,
-)
+from algm.training.defaults import (HEAD_BATCH_SIZE, HEAD_EPOCHS, HEAD_LR, HEAD_PRECISION, HEAD_SCALE_LR_MULT,
+                                    HEAD_SCHEDULE, HEAD_SEED, HEAD_WARMUP, HEAD_WEIGHT_DECAY, TRAIN_PRECISIONS)
+
+if TYPE_CHECKING:  # torch loads when the command runs, not while it parses
+    from algm.training.head import TrainConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,26 +31,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     add_data_arguments(p, split="train")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"epochs (default: {DEFAULT_EPOCHS})")
+    g.add_argument("--epochs", type=int, default=HEAD_EPOCHS, help=f"epochs (default: {HEAD_EPOCHS})")
     g.add_argument("--lr", type=float, default=None,
                    help="AdamW peak learning rate (default: "
-                        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
-    g.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay,
-                   help=f"AdamW weight decay (default: {TrainConfig.weight_decay})")
-    g.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
-                   help=f"cached windows per step (default: {TrainConfig.batch_size})")
-    g.add_argument("--lr-schedule", dest="lr_schedule", choices=["cosine", "poly"], default=TrainConfig.schedule,
-                   help="learning-rate decay after the warm-up (default: cosine)")
-    g.add_argument("--warmup", type=float, default=TrainConfig.warmup,
-                   help="linear warm-up: fraction of all steps if < 1, else steps (default: 0.05)")
-    g.add_argument("--scale-lr-mult", type=float, default=TrainConfig.scale_lr_mult,
+                        + ", ".join(f"{k} {v:g}" for k, v in HEAD_LR.items()) + ")")
+    g.add_argument("--weight-decay", type=float, default=HEAD_WEIGHT_DECAY,
+                   help=f"AdamW weight decay (default: {HEAD_WEIGHT_DECAY})")
+    g.add_argument("--batch-size", type=int, default=HEAD_BATCH_SIZE,
+                   help=f"cached windows per step (default: {HEAD_BATCH_SIZE})")
+    g.add_argument("--lr-schedule", dest="lr_schedule", choices=["cosine", "poly"], default=HEAD_SCHEDULE,
+                   help=f"learning-rate decay after the warm-up (default: {HEAD_SCHEDULE})")
+    g.add_argument("--warmup", type=float, default=HEAD_WARMUP,
+                   help=f"linear warm-up: fraction of all steps if < 1, else steps (default: {HEAD_WARMUP})")
+    g.add_argument("--scale-lr-mult", type=float, default=HEAD_SCALE_LR_MULT,
                    help="learning-rate multiplier of the mask decoder's mask_norm, the logits' "
-                        f"temperature (default: {TrainConfig.scale_lr_mult:g})")
-    g.add_argument("--seed", type=int, default=TrainConfig.seed, help="initialisation and shuffling seed")
-    g.add_argument("--precision", choices=TRAIN_PRECISIONS, default=TrainConfig.precision,
+                        f"temperature (default: {HEAD_SCALE_LR_MULT:g})")
+    g.add_argument("--seed", type=int, default=HEAD_SEED, help="initialisation and shuffling seed")
+    g.add_argument("--precision", choices=TRAIN_PRECISIONS, default=HEAD_PRECISION,
                    help="decoder forward in fp32 or under bf16 autocast (mixed precision, about "
                         "1.8x faster on CPUs with AMX); auto: bf16 where the CPU has bf16 "
-                        f"instructions, else fp32 (default: {TrainConfig.precision})")
+                        f"instructions, else fp32 (default: {HEAD_PRECISION})")
     g.add_argument("--flip", action="store_true",
                    help="also train on horizontally flipped windows (encoded once, cached as a "
                         "second copy: doubles extraction and epoch time)")
@@ -62,6 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    from algm.training.head import TrainConfig
+
     return TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                        batch_size=args.batch_size, schedule=args.lr_schedule, warmup=args.warmup,
                        seed=args.seed, flip=args.flip, scale_lr_mult=args.scale_lr_mult,
@@ -69,9 +75,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.random_weights and not has_weights(args.backbone):
+    from algm.training.head import evaluate_head, load_head, train_head
+
+    if not args.random_weights and not has_weights(args.backbone, args.weights):
         raise ValueError(f"backbone {args.backbone!r} has no offline weights; train heads on "
-                         f"vit-s14 or vit-s16-dinov2, or pass --random-weights")
+                         f"vit-s14 or vit-s16-dinov2, pass --weights FILE (timm:<model>) or --random-weights")
     config = config_from_args(args)
     setup = setup_from_args(args, pretrained=not args.random_weights)
     path = train_head(setup, args.split, config=config, root=args.data_root, limit=args.limit,

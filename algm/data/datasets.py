@@ -329,10 +329,18 @@ def _ranges(values: np.ndarray) -> str:
 
 def _camvid(root: Path, split: str):
     names = _read_list(_need(root / f"{split}.txt", "frame list"))
-    _need(root / split, "image folder")
+    image_dir = _need(root / split, "image folder")
+    images = set(os.listdir(image_dir)) if image_dir.is_dir() else set()
     _need(root / f"{split}annot", "label folder")
-    files = [(root / split / f"{n}.jpg", root / f"{split}annot" / f"{n}.png", n) for n in names]
+    files = [(root / split / _camvid_image(n, images), root / f"{split}annot" / f"{n}.png", n)
+             for n in names]
     return files, CAMVID_CLASSES, CAMVID_PALETTE, False
+
+
+def _camvid_image(name: str, images: set[str]) -> str:
+    """``<name>.jpg`` (our re-encoded copy), else ``<name>.png`` (the SegNet tutorial's, as
+    ``fetch --data`` leaves it); with neither, ``<name>.jpg``, which the missing-file check names."""
+    return f"{name}.png" if f"{name}.jpg" not in images and f"{name}.png" in images else f"{name}.jpg"
 
 
 def _ade20k(root: Path, split: str):
@@ -373,7 +381,7 @@ _LOADERS: dict[str, _Loader] = {
     "camvid": _Loader(_camvid, """\
   <root>/                       (default: $ALGM_BENCH_DATA/camvid, else <cache>/data/camvid)
     {train,val,test}.txt        frame names, one a line, no extension
-    {train,val,test}/<name>.jpg
+    {train,val,test}/<name>.jpg   (else <name>.png)
     {train,val,test}annot/<name>.png   uint8, 0..10 classes, 11 = ignore""", ("train", "val", "test")),
     "ade20k": _Loader(_ade20k, """\
   <root>/

@@ -44,6 +44,9 @@ from algm.build import Setup
 from algm.data.windows import random_view
 from algm.precision import autocast_context, native_bf16
 from algm.safe_yaml import brief
+from algm.training.defaults import (FINETUNE_BATCH_SIZE, FINETUNE_EPOCHS, FINETUNE_FREEZE_BLOCKS, FINETUNE_LR,
+                                    FINETUNE_MIN_LR, FINETUNE_PRECISION, FINETUNE_SEED, FINETUNE_VIEWS,
+                                    TRAIN_PRECISIONS)
 from algm.training.features import collate, extract_features, frame_names, open_split
 from algm.training.keys import cache_folder, cache_label, digest, weights_fingerprint
 from algm.training.loop import Schedule, StepResult, fit
@@ -51,7 +54,6 @@ from algm.weights.checkpoint import read_variant, save_checkpoint, strict_load, 
 from algm.weights.torch_file import check_state_dict, load_torch_file
 
 FINETUNE_FORMAT = "algm-bench/finetune/v1"
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -64,16 +66,16 @@ class FinetuneConfig:
     ``precision``: ``fp32``, ``bf16`` autocast of the forward, or ``auto`` (bf16 where
     the CPU computes it natively, always on CUDA)."""
 
-    epochs: int = 2
-    freeze_blocks: int = 0
-    views: int = 2
-    batch_size: int = 8
-    lr: float = 1e-3
-    min_lr: float = 1e-5
+    epochs: int = FINETUNE_EPOCHS
+    freeze_blocks: int = FINETUNE_FREEZE_BLOCKS
+    views: int = FINETUNE_VIEWS
+    batch_size: int = FINETUNE_BATCH_SIZE
+    lr: float = FINETUNE_LR
+    min_lr: float = FINETUNE_MIN_LR
     momentum: float = 0.9
     weight_decay: float = 0.0
-    seed: int = 0
-    precision: str = "auto"
+    seed: int = FINETUNE_SEED
+    precision: str = FINETUNE_PRECISION
 
     def __post_init__(self):
         for name in ("epochs", "views", "batch_size"):
@@ -87,8 +89,8 @@ class FinetuneConfig:
                 raise ValueError(f"finetune {name} must be a number, got {brief(value)}")
             if not math.isfinite(value):  # NaN or inf trains NaN weights
                 raise ValueError(f"finetune {name} must be finite, got {value}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {brief(self.precision)}")
+        if self.precision not in TRAIN_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(TRAIN_PRECISIONS)}, got {brief(self.precision)}")
         if self.momentum < 0 or self.weight_decay < 0:
             raise ValueError("momentum and weight_decay must be >= 0")
         self.schedule()  # checks lr and min_lr

@@ -10,7 +10,8 @@ cosine (or poly) decay per step, seeded initialisation and per-epoch shuffling, 
 checkpoint (``last.pt``) every epoch, so a resumed run is bit-identical to an
 uninterrupted one. The finished decoder goes to ``head.pt`` beside it, in the folder
 ``cache_dir("heads", <key>)`` whose key adds decoder and hyper-parameters to the feature
-key. :func:`train_head` is idempotent: it returns the finished head if there is one.
+key. :func:`train_head` is idempotent: it returns the finished head if there is one, in the
+cache or shipped with the package (:mod:`algm.shipped`).
 """
 
 from __future__ import annotations
@@ -32,11 +33,14 @@ from algm.build import Setup
 from algm.cache import move_aside
 from algm.files import read_text
 from algm.safe_yaml import brief, clip
+from algm.shipped import install
 from algm.data.datasets import build_dataset
 from algm.evaluate import evaluate
 from algm.model.decoder import LinearDecoder, MaskTransformer
 from algm.model.segmenter import Segmenter
 from algm.precision import autocast_context, native_bf16
+from algm.training.defaults import (HEAD_BATCH_SIZE, HEAD_EPOCHS, HEAD_LR, HEAD_PRECISION, HEAD_SCALE_LR_MULT,
+                                    HEAD_SCHEDULE, HEAD_SEED, HEAD_WARMUP, HEAD_WEIGHT_DECAY, TRAIN_PRECISIONS)
 from algm.training.features import collate, extract_features, feature_identity, frame_names, open_split
 from algm.training.keys import cache_folder, cache_label, digest
 from algm.training.loop import Schedule, StepResult, fit
@@ -44,15 +48,6 @@ from algm.weights.checkpoint import check_fits, strict_load
 from algm.weights.torch_file import check_state_dict, load_torch_file
 
 HEAD_FORMAT = "algm-bench/head/v1"
-
-# Defaults measured on a 2-core CPU with AMX (ViT-S/14, CamVid train, 367 windows of
-# 336x448): mask head 6 epochs x 92 steps once the features are cached (about 2 min),
-# about 40 s per epoch in bf16 (4 min in all; fp32: 72 s per epoch), 52.2 mIoU on
-# CamVid val (fp32: 52.1; linear probe reference: 41.6); linear head 4 epochs: 47.4
-# (cached-feature estimate).
-DEFAULT_EPOCHS = 6
-DEFAULT_LR = {"mask": 4e-4, "linear": 3e-3}
-TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 # bf16 kernels are prepared per input shape: padded batches rounded up to 64 tokens
 # share a few shapes (measured: 15 % faster steps than exact lengths).
 BF16_PAD_MULTIPLE = 64
@@ -79,16 +74,16 @@ class TrainConfig:
     tokens) costs little.
     """
 
-    epochs: int = DEFAULT_EPOCHS
+    epochs: int = HEAD_EPOCHS
     lr: float | None = None
-    weight_decay: float = 0.01
-    batch_size: int = 4
-    schedule: str = "cosine"
-    warmup: float = 0.05
-    seed: int = 0
+    weight_decay: float = HEAD_WEIGHT_DECAY
+    batch_size: int = HEAD_BATCH_SIZE
+    schedule: str = HEAD_SCHEDULE
+    warmup: float = HEAD_WARMUP
+    seed: int = HEAD_SEED
     flip: bool = False
-    scale_lr_mult: float = 10.0
-    precision: str = "auto"
+    scale_lr_mult: float = HEAD_SCALE_LR_MULT
+    precision: str = HEAD_PRECISION
 
     def __post_init__(self):
         for name in ("lr", "weight_decay", "warmup", "scale_lr_mult"):  # NaN or inf trains a NaN head
@@ -109,7 +104,7 @@ class TrainConfig:
     def resolved_lr(self, decoder_kind: str) -> float:
         if self.lr is not None:
             return self.lr
-        return DEFAULT_LR[decoder_kind]
+        return HEAD_LR[decoder_kind]
 
     def lr_schedule(self, decoder_kind: str) -> Schedule:
         return Schedule(self.resolved_lr(decoder_kind), self.schedule, self.warmup)
@@ -184,21 +179,32 @@ def _head_folder(setup: Setup, split: str, config: TrainConfig, features_key: st
     return cache_folder(cache, "heads", name)
 
 
-def head_dir(setup: Setup, split: str = "train", config: TrainConfig = TrainConfig(), *,
-             dataset=None, root: str | Path | None = None, limit: int | None = None,
-             cache: str | Path | None = None) -> Path:
-    """The folder of the head this config trains (checkpoints, ``head.pt``, eval results)."""
+def trained_head_path(setup: Setup, split: str = "train", config: TrainConfig = TrainConfig(), *,
+                      dataset=None, root: str | Path | None = None, limit: int | None = None,
+                      cache: str | Path | None = None) -> Path | None:
+    """``head.pt`` of this config if it was trained already or the package ships it
+    (:func:`finished_head`), else None (nothing is trained). Arguments as for
+    :func:`train_head`."""
     data = open_split(setup, split, dataset, root, limit)
-    return _head_folder(setup, split, config, _features_key(setup, split, data, config.flip), cache)
+    return finished_head(setup, split, config, _features_key(setup, split, data, config.flip), cache)
 
 
-def trained_head_path(setup: Setup, split: str = "train", config: TrainConfig = TrainConfig(), **kwargs) -> Path | None:
-    """``head.pt`` of this config if it was trained already, else None (nothing is run).
-    A cached head that does not load (:func:`read_head`) is moved aside and None returned.
-
-    kwargs: ``dataset``, ``root``, ``limit``, ``cache`` as for :func:`train_head`."""
-    path = head_dir(setup, split, config, **kwargs) / "head.pt"
-    return path if path.is_file() and _usable(setup, path) else None
+def finished_head(setup: Setup, split: str, config: TrainConfig, features_key: str,
+                  cache: str | Path | None = None) -> Path | None:
+    """The usable ``head.pt`` of this config in the cache, else the one the package ships
+    (:func:`algm.shipped.install` copies it into the cache), else None. With precision
+    ``auto`` a head of the other precision counts too, so that a machine without native
+    bf16 uses a shipped bf16 head rather than train one (their mIoU differ by ~0.1). A
+    cached head that does not load (:func:`read_head`) is moved aside."""
+    precisions = [config.resolved_precision()]
+    if config.precision == "auto":
+        precisions += [p for p in ("bf16", "fp32") if p not in precisions]
+    for precision in precisions:
+        folder = _head_folder(setup, split, dataclasses.replace(config, precision=precision), features_key, cache)
+        path = folder / "head.pt"
+        if path.is_file() and _usable(setup, path) or install(path) and _usable(setup, path):
+            return path
+    return None
 
 
 def _usable(setup: Setup, path: Path) -> bool:
@@ -311,7 +317,10 @@ def train_head(setup: Setup, split: str = "train", epochs: int | None = None, *,
     if restart:
         for f in (head_file, checkpoint, *folder.glob("eval-*.json")):
             f.unlink(missing_ok=True)
-    if not (head_file.is_file() and _usable(setup, head_file)):  # a damaged head is moved aside, trained again
+    found = None if restart else finished_head(setup, split, config, features_key, cache)
+    if found is not None:
+        head_file = found
+    else:  # none yet (a damaged one was moved aside): train it
         feats = extract_features(setup, split, flip=config.flip, dataset=data, cache=cache, progress=progress)
         decoder = fresh_decoder(setup, config.seed)
         history = _fit_decoder(setup, decoder, feats.items, config, checkpoint, folder.name, progress, on_epoch)

@@ -36,8 +36,11 @@ mis-shaped key is an error naming every such key (:func:`~algm.weights.checkpoin
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
 import operator
-from dataclasses import dataclass
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -376,13 +379,38 @@ def convert_mmseg(config: str | Path, checkpoint: str | Path, folder: str | Path
                   trusted: bool = False) -> Path:
     """Write an mmseg Segmenter as an official-format ``folder/checkpoint.pth`` +
     ``variant.yml`` (what ``bench --checkpoints`` reads); ``dataset`` defaults to the
-    config's ``dataset_type``. Returns the checkpoint's path."""
+    config's ``dataset_type``. The variant's ``converted_from`` names both files and the
+    checkpoint's sha256. Returns the checkpoint's path."""
+    from algm.files import checkpoint_sha256
     from algm.weights.checkpoint import save_checkpoint, variant_of
 
     model, spec = load_mmseg_checkpoint(config, checkpoint, trusted=trusted)
     dataset = dataset or spec.dataset
     if dataset is None:
         raise ValueError(f"{config}: dataset_type names none of the suite's datasets; pass the dataset")
-    variant = variant_of(model, dataset, spec.window, spec.stride,
-                         {"converted_from": {"mmseg_config": str(config), "checkpoint": str(checkpoint)}})
+    source = {"mmseg_config": str(config), "checkpoint": str(checkpoint),
+              "checkpoint_sha256": checkpoint_sha256(checkpoint)}
+    variant = variant_of(model, dataset, spec.window, spec.stride, {"converted_from": source})
     return save_checkpoint(model, folder, variant)
+
+
+def converted_checkpoints(config: str | Path, checkpoint: str | Path, dataset: str, trusted: bool = False) -> Path:
+    """A ``bench --checkpoints`` root holding the mmseg Segmenter as the ``none`` model of
+    its backbone, ``<root>/<dataset>/<backbone>/none/`` (:func:`convert_mmseg`). Converted
+    once into ``cache_dir("mmseg", <key>)``, the key hashing the model the config describes,
+    the checkpoint's bytes and ``dataset``: a changed file never reuses a stale conversion."""
+    from algm.config import backbone_name
+    from algm.files import checkpoint_sha256
+    from algm.cache import cache_dir
+    from algm.fetch import layout_dir
+
+    spec = mmseg_model(read_mmseg_config(config), config)
+    identity = {"model": asdict(spec), "checkpoint_sha256": checkpoint_sha256(checkpoint), "dataset": dataset}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    root = cache_dir("mmseg", key)
+    folder = layout_dir(root, dataset, backbone_name(spec.encoder), "none")
+    if not (folder / "variant.yml").is_file():  # written last: a killed conversion is done again
+        print(f"algm-bench: converting the mmseg checkpoint {checkpoint} -> {folder} (once)", file=sys.stderr,
+              flush=True)
+        convert_mmseg(config, checkpoint, folder, dataset, trusted=trusted)
+    return root
