@@ -173,3 +173,25 @@ def test_parts_lists_every_shipped_file(capsys):
     assert out.startswith(f"{len(parts)} part(s) shipped in {shipped.SHIPPED_DIR} (suite camvid):")
     assert all(f"  {p['path']}\n    {p['what']}; sha256 {p['sha256'][:16]}" in out for p in parts)
     assert "used by vit-s14 algm with its trained head" in out
+
+
+def test_parts_verify_prints_each_part_and_fails_when_one_does_not_reproduce(monkeypatch, capsys, tmp_path):
+    import suites.shipped_parts
+    from algm.cli import main
+
+    def result(what, reproduces):
+        return {"path": f"x/{what}.pt", "what": what, "row": "algm", "retrain_seconds": 90.0,
+                "max_abs_difference": 0.0 if reproduces else 0.25, "miou_shipped": {"miou": 49.7, "miou_trained": 49.2},
+                "miou_retrained": {"miou": 49.7, "miou_trained": 48.1 if not reproduces else 49.2},
+                "reproduces": reproduces}
+
+    results = [result("same head", True)]
+    monkeypatch.setattr(suites.shipped_parts, "verify", lambda work, opts, tolerance: results)
+    assert main(["parts", "--verify", "--work", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["same", "head", "algm", "1.5", "0", "49.70/49.20", "49.70/49.20", "yes"]
+    results.append(result("other head", False))
+    assert main(["parts", "--verify", "--work", str(tmp_path), "--tolerance", "1"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split()[-3:] == ["49.70/49.20", "49.70/48.10", "NO"]
+    assert "within 1.0 points" in lines[-1]
