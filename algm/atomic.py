@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +32,11 @@ def write_with(path: str | Path, write: Callable[[Path], Any]) -> Path:
 def save_torch(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to ``path`` atomically."""
     return write_with(path, lambda tmp: torch.save(obj, tmp))
+
+
+def copy_file(source: str | Path, path: str | Path) -> Path:
+    """A copy of ``source``'s bytes at ``path``, atomically."""
+    return write_with(path, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def write_text(path: str | Path, text: str) -> Path:

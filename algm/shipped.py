@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Iterable
@@ -82,13 +81,13 @@ def install(path: str | Path, folder: Path | None = None) -> bool:
         raise ValueError(f"{source}: the shipped file is missing or does not match the sha256 of "
                          f"{folder / 'manifest.json'}; reinstall the package")
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_with(path, lambda tmp: shutil.copyfile(source, tmp))
+    atomic.copy_file(source, path)
     print(f"algm-bench: using the shipped {part['what']} ({relpath}, sha256 {part['sha256'][:12]}); "
           f"`algm-bench parts --verify` retrains it and compares", file=sys.stderr)
     return True
 
 
 def install_tasks(tasks: Iterable) -> list:
-    """The :class:`~algm.reduction.TrainingTask` s left to run once every shipped part
-    among them is installed."""
+    """The :class:`~algm.reduction.TrainingTask` list left to run once every shipped part
+    among ``tasks`` is installed."""
     return [task for task in tasks if not install(task.path)]

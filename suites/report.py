@@ -326,16 +326,17 @@ def run_and_report(suite, opts, out: Path, *, report_only: bool = False, update_
     if report_only:
         rows, run = cached_rows(suite, opts), None
     else:
-        measured, first = [], []
+        measured, first_answer = [], None
 
         def progress(done: list[dict], planned: int) -> None:
+            nonlocal first_answer
             _partial_report(done, planned, suite, out, title, (time.perf_counter() - start) / 60)
-            if not first:
-                first.append(time.perf_counter() - start)
+            if first_answer is None:
+                first_answer = time.perf_counter() - start
 
         rows = run_suite(suite, opts, on_measured=measured.append, on_progress=progress)
         run = {"wall_seconds": time.perf_counter() - start, "rows_measured": len(measured),
-               "first_answer_seconds": first[0] if first else None}
+               "first_answer_seconds": first_answer}
     if not distributed.is_main():
         return None
     machine = machine_record(opts.device)

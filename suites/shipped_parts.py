@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -54,11 +53,15 @@ def suite_parts(suite: Suite, opts: RunOptions) -> list[Part]:
     found in the cache or installed from the package; one that is neither is a
     FileNotFoundError."""
     parts: dict[Path, Part] = {}
+    looked_up = set()  # (backbone, setting label): building the model to find its head is the slow part
     for row in plan(suite, opts):
         if row.checkpoint is not None or row.gflops_only or get_backbone(row.backbone).weights is None:
             continue
         heads = [Setting("none")] + ([row.setting] if row.setting.train and row.setting.method != "none" else [])
         for setting in heads:
+            if (row.backbone, setting.label()) in looked_up:
+                continue
+            looked_up.add((row.backbone, setting.label()))
             path = trained_head_path(setup_for(suite, row.backbone, setting, pretrained=True), root=opts.data_root)
             if path is None:
                 raise FileNotFoundError(f"the {setting.label()} head of {suite.name} / {row.backbone} is not trained "
@@ -98,7 +101,7 @@ def ship(suite: Suite, opts: RunOptions, folder: Path | None = None) -> dict:
         relpath = shipped.relative_to_cache(part.path)
         target = folder / relpath
         target.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_with(target, lambda tmp, src=part.path: shutil.copyfile(src, tmp))
+        atomic.copy_file(part.path, target)
         entry = {"path": relpath, "what": part.what, "sha256": file_sha256(target),
                  "bytes": target.stat().st_size, "used_by": _used_by(part.row)}
         if part.head_of is not None:
@@ -106,9 +109,9 @@ def ship(suite: Suite, opts: RunOptions, folder: Path | None = None) -> dict:
             entry["head_of"] = _used_by(Row(part.row.backbone, part.head_of))
             entry["precision"] = meta["train"]["precision"]
         entries.append(entry)
+    shipping = {e["path"] for e in entries} | {"manifest.json"}
     for stale in folder.rglob("*"):
-        if stale.is_file() and stale.name != "manifest.json" and stale.relative_to(folder).as_posix() not in \
-                {e["path"] for e in entries}:
+        if stale.is_file() and stale.relative_to(folder).as_posix() not in shipping:
             stale.unlink()
     manifest = {"format": shipped.MANIFEST_FORMAT, "suite": suite.name, "trained_on": machine_record(),
                 "parts": entries}
@@ -142,7 +145,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
     try:
         os.link(source, target)
     except OSError:  # another file system
-        atomic.write_with(target, lambda tmp: shutil.copyfile(source, tmp))
+        atomic.copy_file(source, target)
 
 
 def retrain(suite: Suite, part: dict, opts: RunOptions) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-
 from typing import TYPE_CHECKING
 
 from algm.commands.common import (add_data_arguments, add_model_arguments, add_training_output_arguments, emit,
