@@ -27,6 +27,7 @@ from algm import atomic, shipped
 from algm.files import file_sha256
 from algm.cache import cache_dir
 from algm.config import get_backbone, get_dataset
+from algm.data.datasets import build_dataset, check_files
 from algm.methods import method_class, method_config
 from algm.training.features import training_context
 from algm.training.head import TrainConfig, train_head, trained_head_path
@@ -189,6 +190,8 @@ def verify(work: Path, opts: RunOptions, tolerance: float = 0.5, folder: Path | 
     folder = folder or shipped.SHIPPED_DIR
     manifest = shipped.manifest(folder)
     suite = load_suite(manifest["suite"])
+    for split in dict.fromkeys(("train", suite.split)):  # a missing data root fails before anything is written
+        check_files(build_dataset(suite.dataset, split, root=opts.data_root))
     results = []
     for part in manifest["parts"]:
         row = _row(suite, part["used_by"])

@@ -195,3 +195,12 @@ def test_parts_verify_prints_each_part_and_fails_when_one_does_not_reproduce(mon
     lines = capsys.readouterr().out.splitlines()
     assert lines[2].split()[-3:] == ["49.70/49.20", "49.70/48.10", "NO"]
     assert "within 1.0 points" in lines[-1]
+
+
+def test_verify_without_data_fails_naming_the_root_and_writes_nothing(tmp_path, monkeypatch):
+    from suites.shipped_parts import verify
+
+    monkeypatch.setenv("ALGM_BENCH_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=f"camvid train: the root {tmp_path / 'nowhere' / 'camvid'} does not"):
+        verify(tmp_path / "work", RunOptions(progress=False))
+    assert not (tmp_path / "work").exists()
